@@ -1,0 +1,5 @@
+import sys
+
+from pvio.cli import main
+
+sys.exit(main())

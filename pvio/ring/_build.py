@@ -1,0 +1,36 @@
+"""cffi API-mode (out-of-line, compiled) builder for ``pvio.ring._cring``.
+
+Run by ``pip install`` through setup.py's ``cffi_modules``; also runnable by
+hand (``python pvio/ring/_build.py``) for an in-place build. The wire structs
+are generated from :mod:`pvio.layouts`, so the compiled code and the construct
+declarations cannot disagree.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from cffi import FFI
+
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent.parent))  # import pvio._cgen from the source tree
+
+from pvio import _cgen  # noqa: E402
+
+_STRUCTS = _cgen.c_declarations()
+_HEADER = (_HERE / "cring.h").read_text()
+
+ffibuilder = FFI()
+ffibuilder.cdef(_STRUCTS + _HEADER)
+ffibuilder.set_source(
+    "pvio.ring._cring",
+    "#include <stdint.h>\n" + _STRUCTS + _HEADER + (_HERE / "cring.c").read_text(),
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    import shutil
+
+    built = ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"))
+    shutil.copy(built, _HERE)

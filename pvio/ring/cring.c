@@ -1,0 +1,590 @@
+/* pvio's C ring helpers: the hot loops of io/ring.h, console.h and
+ * grant_table.h, so that Python touches batches, never an index or a barrier.
+ *
+ * Everything a peer can write is read exactly once through a volatile access
+ * and then checked (XSA-155: no double fetch). Slots are copied to private
+ * memory before anything looks at them (RING_COPY_REQUEST/RESPONSE).
+ *
+ * Barriers follow io/ring.h: wmb before publishing a producer index, a full mb
+ * between publishing and reading the peer's event index (and in FINAL_CHECK),
+ * rmb between reading a producer index and reading the slots it covers. */
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <sys/mman.h>
+
+#define PVIO_MB() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define PVIO_WMB() __atomic_thread_fence(__ATOMIC_RELEASE)
+#define PVIO_RMB() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define RD32(p) (*(volatile uint32_t *)&(p))
+#define WR32(p, v) (*(volatile uint32_t *)&(p) = (v))
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PVIO_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define PVIO_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define PVIO_RELAX() __asm__ __volatile__("" ::: "memory")
+#endif
+
+#define GTF_permit_access 1u
+#define GTF_type_mask 3u
+#define GTF_readonly (1u << 2)
+#define GTF_reading (1u << 3)
+#define GTF_writing (1u << 4)
+#define GNTST_okay 0
+#define GNTST_general_error (-1)
+#define GNTST_bad_gntref (-3)
+#define GNTST_bad_copy_arg (-10)
+#define PVIO_PAGE 4096u
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Spin until *word != seen or spin_ns elapsed. The caller releases the GIL
+ * (cffi does for every call). Returns 1 if the word changed. */
+static int spin_while_equal(const uint32_t *word, uint32_t seen, uint32_t spin_ns)
+{
+    uint64_t deadline;
+    unsigned i;
+    if (*(const volatile uint32_t *)word != seen)
+        return 1;
+    if (spin_ns == 0)
+        return 0;
+    deadline = now_ns() + spin_ns;
+    for (;;) {
+        for (i = 0; i < 64; i++) {
+            if (*(const volatile uint32_t *)word != seen)
+                return 1;
+            PVIO_RELAX();
+        }
+        if (now_ns() >= deadline)
+            return *(const volatile uint32_t *)word != seen;
+    }
+}
+
+/* __RD32: round down to a power of two. */
+static uint32_t rd32(uint32_t x)
+{
+    uint32_t p = 1;
+    if (x == 0)
+        return 0;
+    while (p <= x / 2)
+        p <<= 1;
+    return p;
+}
+
+uint32_t pvio_ring_nr_ents(uint32_t ring_bytes, uint32_t slot_size)
+{
+    if (slot_size == 0 || ring_bytes < sizeof(struct pvio_sring_header))
+        return 0;
+    return rd32((ring_bytes - (uint32_t)sizeof(struct pvio_sring_header)) / slot_size);
+}
+
+void pvio_shared_ring_init(void *sring)
+{
+    struct pvio_sring_header *s = sring;
+    WR32(s->req_prod, 0);
+    WR32(s->rsp_prod, 0);
+    WR32(s->req_event, 1);
+    WR32(s->rsp_event, 1);
+    memset(s->pvt.pvt_pad, 0, sizeof(s->pvt.pvt_pad));
+    memset(s->__pad, 0, sizeof(s->__pad));
+}
+
+int pvio_ring_attach(pvio_ring *r, void *sring, uint32_t ring_bytes,
+                     uint32_t slot_size, uint32_t start)
+{
+    uint32_t n = pvio_ring_nr_ents(ring_bytes, slot_size);
+    if (n == 0)
+        return -EINVAL;
+    memset(r, 0, sizeof(*r));
+    r->sring = sring;
+    r->slots = (uint8_t *)sring + sizeof(struct pvio_sring_header);
+    r->nr_ents = n;
+    r->slot_size = slot_size;
+    r->prod_pvt = start;
+    r->cons = start;
+    return 0;
+}
+
+int pvio_need_notify(uint32_t old, uint32_t new_, uint32_t event)
+{
+    return (uint32_t)(new_ - event) < (uint32_t)(new_ - old);
+}
+
+/* RING_REQUEST_CONS_OVERFLOW: would consuming at cons overrun the responses? */
+int pvio_request_cons_overflow(uint32_t cons, uint32_t rsp_prod_pvt, uint32_t nr_ents)
+{
+    return (uint32_t)(cons - rsp_prod_pvt) >= nr_ents;
+}
+
+/* RING_REQUEST_PROD_OVERFLOW: can the frontend have produced this many? */
+int pvio_request_prod_overflow(uint32_t prod, uint32_t rsp_prod_pvt, uint32_t nr_ents)
+{
+    return (uint32_t)(prod - rsp_prod_pvt) > nr_ents;
+}
+
+/* RING_RESPONSE_PROD_OVERFLOW: can the backend have produced this many? */
+int pvio_response_prod_overflow(uint32_t prod, uint32_t rsp_cons, uint32_t nr_ents)
+{
+    return (uint32_t)(prod - rsp_cons) > nr_ents;
+}
+
+static void copy_in(pvio_ring *r, uint32_t idx, const uint8_t *src, uint32_t n,
+                    uint32_t size)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++)
+        memcpy(r->slots + (size_t)((idx + i) & (r->nr_ents - 1)) * r->slot_size,
+               src + (size_t)i * size, size);
+}
+
+/* RING_COPY_*: one volatile-free memcpy per slot into private memory; the
+ * compiler cannot re-read the shared slot later because nothing refers to it. */
+static void copy_out(pvio_ring *r, uint32_t idx, uint8_t *dst, uint32_t n,
+                     uint32_t size)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * size,
+               r->slots + (size_t)((idx + i) & (r->nr_ents - 1)) * r->slot_size, size);
+    __asm__ __volatile__("" ::: "memory");
+}
+
+/* ---------------------------------------------------------------- front */
+
+uint32_t pvio_front_free_requests(pvio_ring *r)
+{
+    return r->nr_ents - (r->prod_pvt - r->cons);
+}
+
+uint32_t pvio_front_unconsumed_responses(pvio_ring *r)
+{
+    return RD32(r->sring->rsp_prod) - r->cons;
+}
+
+uint32_t pvio_front_put_requests(pvio_ring *r, const uint8_t *src, uint32_t n,
+                                 uint32_t req_size)
+{
+    uint32_t space = pvio_front_free_requests(r);
+    if (n > space)
+        n = space;
+    copy_in(r, r->prod_pvt, src, n, req_size);
+    r->prod_pvt += n;
+    return n;
+}
+
+/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY */
+int pvio_front_push_requests(pvio_ring *r)
+{
+    uint32_t old = RD32(r->sring->req_prod);
+    uint32_t new_ = r->prod_pvt;
+    int notify;
+    PVIO_WMB();
+    WR32(r->sring->req_prod, new_);
+    PVIO_MB();
+    notify = pvio_need_notify(old, new_, RD32(r->sring->req_event));
+    if (notify)
+        r->notify_sent++;
+    else if (new_ != old)
+        r->notify_suppressed++;
+    return notify;
+}
+
+/* Consume up to max responses into dst. Checks RING_RESPONSE_PROD_OVERFLOW on
+ * the one value of rsp_prod read; -1 once the backend broke the ring. */
+int64_t pvio_front_take_responses(pvio_ring *r, uint8_t *dst, uint32_t max,
+                                  uint32_t rsp_size)
+{
+    uint32_t prod, n;
+    if (r->error)
+        return -1;
+    prod = RD32(r->sring->rsp_prod);
+    PVIO_RMB();
+    n = prod - r->cons;
+    /* Responses can only answer requests we produced: stricter than
+     * RING_RESPONSE_PROD_OVERFLOW alone, which it includes. */
+    if (pvio_response_prod_overflow(prod, r->cons, r->nr_ents) ||
+        n > r->prod_pvt - r->cons) {
+        r->error = PVIO_RING_E_RSP_PROD_OVERFLOW;
+        r->bad_prod = prod;
+        return -1;
+    }
+    if (n > max)
+        n = max;
+    copy_out(r, r->cons, dst, n, rsp_size);
+    r->cons += n;
+    return n;
+}
+
+/* RING_FINAL_CHECK_FOR_RESPONSES */
+uint32_t pvio_front_final_check(pvio_ring *r)
+{
+    uint32_t work = RD32(r->sring->rsp_prod) - r->cons;
+    if (work)
+        return work;
+    WR32(r->sring->rsp_event, r->cons + 1);
+    PVIO_MB();
+    return RD32(r->sring->rsp_prod) - r->cons;
+}
+
+int pvio_front_spin(pvio_ring *r, uint32_t spin_ns)
+{
+    return spin_while_equal(&r->sring->rsp_prod, r->cons, spin_ns);
+}
+
+/* ----------------------------------------------------------------- back */
+
+/* XEN_RING_NR_UNCONSUMED_REQUESTS */
+uint32_t pvio_back_unconsumed_requests(pvio_ring *r)
+{
+    uint32_t req = RD32(r->sring->req_prod) - r->cons;
+    uint32_t rsp = r->nr_ents - (r->cons - r->prod_pvt);
+    return req < rsp ? req : rsp;
+}
+
+/* Consume up to max requests into dst. Checks RING_REQUEST_PROD_OVERFLOW on
+ * the one value of req_prod read, and never consumes past
+ * RING_REQUEST_CONS_OVERFLOW; -1 once the frontend broke the ring. */
+int64_t pvio_back_take_requests(pvio_ring *r, uint8_t *dst, uint32_t max,
+                                uint32_t req_size)
+{
+    uint32_t prod, n, room;
+    if (r->error)
+        return -1;
+    prod = RD32(r->sring->req_prod);
+    PVIO_RMB();
+    if (pvio_request_prod_overflow(prod, r->prod_pvt, r->nr_ents)) {
+        r->error = PVIO_RING_E_REQ_PROD_OVERFLOW;
+        r->bad_prod = prod;
+        return -1;
+    }
+    n = prod - r->cons;
+    room = r->nr_ents - (r->cons - r->prod_pvt);
+    if (n > room) {
+        /* prod is behind req_cons: the index went backwards. */
+        r->error = PVIO_RING_E_CONS_OVERFLOW;
+        r->bad_prod = prod;
+        return -1;
+    }
+    if (n > max)
+        n = max;
+    copy_out(r, r->cons, dst, n, req_size);
+    r->cons += n;
+    return n;
+}
+
+uint32_t pvio_back_put_responses(pvio_ring *r, const uint8_t *src, uint32_t n,
+                                 uint32_t rsp_size)
+{
+    uint32_t owed = r->cons - r->prod_pvt;  /* requests consumed, not yet answered */
+    if (n > owed)
+        n = owed;
+    copy_in(r, r->prod_pvt, src, n, rsp_size);
+    r->prod_pvt += n;
+    return n;
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+int pvio_back_push_responses(pvio_ring *r)
+{
+    uint32_t old = RD32(r->sring->rsp_prod);
+    uint32_t new_ = r->prod_pvt;
+    int notify;
+    PVIO_WMB();
+    WR32(r->sring->rsp_prod, new_);
+    PVIO_MB();
+    notify = pvio_need_notify(old, new_, RD32(r->sring->rsp_event));
+    if (notify)
+        r->notify_sent++;
+    else if (new_ != old)
+        r->notify_suppressed++;
+    return notify;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS */
+uint32_t pvio_back_final_check(pvio_ring *r)
+{
+    uint32_t work = pvio_back_unconsumed_requests(r);
+    if (work)
+        return work;
+    WR32(r->sring->req_event, r->cons + 1);
+    PVIO_MB();
+    return pvio_back_unconsumed_requests(r);
+}
+
+int pvio_back_spin(pvio_ring *r, uint32_t spin_ns)
+{
+    return spin_while_equal(&r->sring->req_prod, r->cons, spin_ns);
+}
+
+/* ----------------------------------------------------------- byte rings */
+
+void pvio_bytering_attach(pvio_bytering *b, uint8_t *buf, uint32_t size,
+                          uint32_t *prod, uint32_t *cons, int writer)
+{
+    memset(b, 0, sizeof(*b));
+    b->buf = buf;
+    b->size = size;
+    b->prod = prod;
+    b->cons = cons;
+    b->pvt = writer ? RD32(*prod) : RD32(*cons);
+}
+
+/* Writer: copy as much of src as fits, publish prod. -1 if the reader's
+ * index claims more data than the buffer holds (console.h "prod - cons >
+ * sizeof(buffer)" check). */
+int64_t pvio_bytering_write(pvio_bytering *b, const uint8_t *src, uint32_t len)
+{
+    uint32_t cons, used, n, at, first;
+    if (b->error)
+        return -1;
+    cons = RD32(*b->cons);
+    PVIO_MB();
+    used = b->pvt - cons;
+    if (used > b->size) {
+        b->error = PVIO_RING_E_BYTES_GAP;
+        b->bad_index = cons;
+        return -1;
+    }
+    n = b->size - used;
+    if (n > len)
+        n = len;
+    at = b->pvt & (b->size - 1);
+    first = b->size - at;
+    if (first > n)
+        first = n;
+    memcpy(b->buf + at, src, first);
+    memcpy(b->buf, src + first, n - first);
+    PVIO_WMB();
+    b->pvt += n;
+    WR32(*b->prod, b->pvt);
+    return n;
+}
+
+/* Reader: copy up to max bytes out, publish cons. -1 on a bogus prod. */
+int64_t pvio_bytering_read(pvio_bytering *b, uint8_t *dst, uint32_t max)
+{
+    uint32_t prod, avail, n, at, first;
+    if (b->error)
+        return -1;
+    prod = RD32(*b->prod);
+    PVIO_MB();
+    avail = prod - b->pvt;
+    if (avail > b->size) {
+        b->error = PVIO_RING_E_BYTES_GAP;
+        b->bad_index = prod;
+        return -1;
+    }
+    n = avail < max ? avail : max;
+    at = b->pvt & (b->size - 1);
+    first = b->size - at;
+    if (first > n)
+        first = n;
+    memcpy(dst, b->buf + at, first);
+    memcpy(dst + first, b->buf, n - first);
+    PVIO_MB();
+    b->pvt += n;
+    WR32(*b->cons, b->pvt);
+    return n;
+}
+
+/* Bytes waiting (reader) or free space (writer is not covered: use size -
+ * pending on the writer's own view). -1 on a bogus peer index. */
+int64_t pvio_bytering_pending(pvio_bytering *b)
+{
+    uint32_t prod = RD32(*b->prod), cons = RD32(*b->cons), d = prod - cons;
+    return d > b->size ? -1 : (int64_t)d;
+}
+
+int pvio_bytering_spin(pvio_bytering *b, uint32_t spin_ns)
+{
+    return spin_while_equal(b->prod, b->pvt, spin_ns);
+}
+
+/* DEFINE_XEN_FLEX_RING's name##_queued, for the differential tests and for
+ * flex-ring users that need its exact "masked equal means full" answer. */
+uint32_t pvio_flex_queued(uint32_t prod, uint32_t cons, uint32_t ring_size)
+{
+    if (prod == cons)
+        return 0;
+    prod &= ring_size - 1;
+    cons &= ring_size - 1;
+    if (prod == cons)
+        return ring_size;
+    return prod > cons ? prod - cons : ring_size - (cons - prod);
+}
+
+/* ---------------------------------------------------------- grant table */
+
+static struct pvio_grant_entry_v1 *gnt_entry(uint8_t *table, uint32_t ref)
+{
+    return (struct pvio_grant_entry_v1 *)(table + (size_t)ref * 8u);
+}
+
+/* Granter: domid and frame first, wmb, then flags (grant_table.h). */
+void pvio_gnt_grant(uint8_t *table, uint32_t ref, uint16_t domid, uint32_t frame,
+                    int readonly)
+{
+    struct pvio_grant_entry_v1 *e = gnt_entry(table, ref);
+    *(volatile uint16_t *)&e->domid = domid;
+    WR32(e->frame, frame);
+    PVIO_WMB();
+    __atomic_store_n(&e->flags,
+                     (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)),
+                     __ATOMIC_RELEASE);
+}
+
+/* Granter: revoke an unused entry with CMPXCHG on flags; fails (returns 0)
+ * while the mapper holds GTF_reading/GTF_writing (Linux
+ * gnttab_end_foreign_access_ref_v1). */
+int pvio_gnt_end_access(uint8_t *table, uint32_t ref)
+{
+    uint16_t *pflags = &gnt_entry(table, ref)->flags;
+    uint16_t flags = __atomic_load_n(pflags, __ATOMIC_ACQUIRE);
+    do {
+        if (flags & (GTF_reading | GTF_writing))
+            return 0;
+    } while (!__atomic_compare_exchange_n(pflags, &flags, 0, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_ACQUIRE));
+    return 1;
+}
+
+/* Granter: writable -> read-only, only while no writer holds it. */
+int pvio_gnt_make_readonly(uint8_t *table, uint32_t ref)
+{
+    uint16_t *pflags = &gnt_entry(table, ref)->flags;
+    uint16_t flags = __atomic_load_n(pflags, __ATOMIC_ACQUIRE);
+    do {
+        if (flags & GTF_writing)
+            return 0;
+    } while (!__atomic_compare_exchange_n(pflags, &flags, flags | GTF_readonly, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE));
+    return 1;
+}
+
+/* Mapper: validate the entry and set GTF_reading (and GTF_writing) in one
+ * CMPXCHG on the flags+domid word, as Xen's _set_status_v1 does, so that the
+ * check and the pin see the same entry. Pins are counted privately by the
+ * mapper; the shared flags are only a signal to the granter. */
+int32_t pvio_gnt_pin(uint8_t *table, uint32_t nr, uint32_t ref, uint16_t domid,
+                     int writable, uint32_t nr_frames, uint32_t *rd_pins,
+                     uint32_t *wr_pins, uint32_t *frame_out)
+{
+    uint32_t *word, scombo, nscombo, frame;
+    int retries = 0;
+    if (ref >= nr)
+        return GNTST_bad_gntref;
+    word = (uint32_t *)gnt_entry(table, ref);
+    scombo = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint32_t flags = scombo & 0xffffu, sdom = scombo >> 16;
+        if ((flags & GTF_type_mask) != GTF_permit_access || sdom != domid)
+            return GNTST_general_error;
+        nscombo = scombo | GTF_reading;
+        if (writable) {
+            if (flags & GTF_readonly)
+                return GNTST_general_error;
+            nscombo |= GTF_writing;
+        }
+        if (__atomic_compare_exchange_n(word, &scombo, nscombo, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_ACQUIRE))
+            break;
+        if (++retries == 4)  /* "Shared grant entry is unstable" */
+            return GNTST_general_error;
+    }
+    rd_pins[ref]++;
+    if (writable)
+        wr_pins[ref]++;
+    PVIO_RMB();
+    frame = RD32(gnt_entry(table, ref)->frame);
+    if (frame >= nr_frames) {
+        pvio_gnt_unpin(table, ref, writable, rd_pins, wr_pins);
+        return GNTST_general_error;
+    }
+    *frame_out = frame;
+    return GNTST_okay;
+}
+
+void pvio_gnt_unpin(uint8_t *table, uint32_t ref, int writable,
+                    uint32_t *rd_pins, uint32_t *wr_pins)
+{
+    uint16_t *pflags = &gnt_entry(table, ref)->flags;
+    uint16_t clear = 0;
+    if (writable && wr_pins[ref] && --wr_pins[ref] == 0)
+        clear |= GTF_writing;
+    if (rd_pins[ref] && --rd_pins[ref] == 0)
+        clear |= GTF_reading | GTF_writing;
+    if (clear)
+        __atomic_fetch_and(pflags, (uint16_t)~clear, __ATOMIC_SEQ_CST);
+}
+
+/* GNTTABOP_copy between granted pages and local buffers. Each element gets
+ * its own status; a failed element does not stop the others (XSA-361 style:
+ * the caller checks every status). */
+int pvio_gnt_copy(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
+                  uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
+                  pvio_gnt_copy_op *ops, uint32_t n)
+{
+    uint32_t i, frame;
+    int failures = 0;
+    for (i = 0; i < n; i++) {
+        pvio_gnt_copy_op *op = &ops[i];
+        if (op->offset >= PVIO_PAGE || op->len > PVIO_PAGE - op->offset) {
+            op->status = GNTST_bad_copy_arg;
+            failures++;
+            continue;
+        }
+        op->status = pvio_gnt_pin(table, nr, op->ref, domid, op->to_grant != 0,
+                                  nr_frames, rd_pins, wr_pins, &frame);
+        if (op->status != GNTST_okay) {
+            failures++;
+            continue;
+        }
+        if (op->to_grant)
+            memcpy(pool + (size_t)frame * PVIO_PAGE + op->offset, op->local, op->len);
+        else
+            memcpy(op->local, pool + (size_t)frame * PVIO_PAGE + op->offset, op->len);
+        pvio_gnt_unpin(table, op->ref, op->to_grant != 0, rd_pins, wr_pins);
+    }
+    return failures;
+}
+
+void *pvio_map_frames(int fd, const uint32_t *frames, uint32_t n, int writable)
+{
+    uint8_t *base;
+    uint32_t i;
+    int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    if (n == 0) {
+        errno = EINVAL;
+        return NULL;
+    }
+    base = mmap(NULL, (size_t)n * PVIO_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS,
+                -1, 0);
+    if (base == MAP_FAILED)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        void *p = mmap(base + (size_t)i * PVIO_PAGE, PVIO_PAGE, prot,
+                       MAP_SHARED | MAP_FIXED, fd, (off_t)frames[i] * PVIO_PAGE);
+        if (p == MAP_FAILED) {
+            int saved = errno;
+            munmap(base, (size_t)n * PVIO_PAGE);
+            errno = saved;
+            return NULL;
+        }
+    }
+    return base;
+}
+
+int pvio_unmap(void *addr, uint32_t n)
+{
+    return munmap(addr, (size_t)n * PVIO_PAGE);
+}
+

@@ -1,0 +1,108 @@
+/* Prototypes of pvio's C ring helpers. This text is both cffi's cdef and part
+ * of the compiled source, so it must stay within the C subset cffi parses.
+ * The struct pvio_* wire layouts are generated from pvio/layouts.py and are
+ * prepended by pvio/ring/_build.py. */
+
+/* Private state of one end of a request/response ring (io/ring.h
+ * front_ring/back_ring), plus the first protocol violation seen. */
+typedef struct {
+    struct pvio_sring_header *sring;  /* the shared page(s) */
+    uint8_t *slots;                   /* sring + 64: ring[] */
+    uint32_t nr_ents;                 /* power of two */
+    uint32_t slot_size;               /* sizeof(union X_sring_entry) */
+    uint32_t prod_pvt;                /* front: req_prod_pvt, back: rsp_prod_pvt */
+    uint32_t cons;                    /* front: rsp_cons,     back: req_cons */
+    int32_t error;                    /* 0, or PVIO_RING_E_* once the peer broke the rules */
+    uint32_t bad_prod;                /* the offending producer index */
+    uint64_t notify_sent;             /* push decided the peer must be notified */
+    uint64_t notify_suppressed;       /* push decided no notification was needed */
+} pvio_ring;
+
+/* A byte-stream ring (console in/out, one direction of a flex ring). The
+ * index we own is kept privately and only published; the peer's is re-read. */
+typedef struct {
+    uint8_t *buf;
+    uint32_t size;                    /* power of two */
+    uint32_t *prod;                   /* shared producer index */
+    uint32_t *cons;                   /* shared consumer index */
+    uint32_t pvt;                     /* our own index (prod if writer, cons if reader) */
+    int32_t error;
+    uint32_t bad_index;
+} pvio_bytering;
+
+typedef struct {
+    uint32_t ref;       /* grant ref on the granter's table */
+    uint32_t offset;    /* byte offset within the granted page */
+    uint32_t len;       /* bytes to copy */
+    uint32_t to_grant;  /* 1: local -> granted page; 0: granted page -> local */
+    uint8_t *local;     /* the local (private) buffer */
+    int32_t status;     /* GNTST_* result, per element */
+} pvio_gnt_copy_op;
+
+#define PVIO_RING_E_REQ_PROD_OVERFLOW 1
+#define PVIO_RING_E_RSP_PROD_OVERFLOW 2
+#define PVIO_RING_E_CONS_OVERFLOW 3
+#define PVIO_RING_E_BYTES_GAP 4
+
+/* io/ring.h: __RING_SIZE for a slot size and total ring bytes. */
+uint32_t pvio_ring_nr_ents(uint32_t ring_bytes, uint32_t slot_size);
+/* SHARED_RING_INIT */
+void pvio_shared_ring_init(void *sring);
+/* FRONT_RING_ATTACH / BACK_RING_ATTACH (same private layout, roles differ). */
+int pvio_ring_attach(pvio_ring *r, void *sring, uint32_t ring_bytes,
+                     uint32_t slot_size, uint32_t start);
+
+/* Front end. */
+uint32_t pvio_front_free_requests(pvio_ring *r);
+uint32_t pvio_front_unconsumed_responses(pvio_ring *r);
+uint32_t pvio_front_put_requests(pvio_ring *r, const uint8_t *src, uint32_t n,
+                                 uint32_t req_size);
+int pvio_front_push_requests(pvio_ring *r);
+int64_t pvio_front_take_responses(pvio_ring *r, uint8_t *dst, uint32_t max,
+                                  uint32_t rsp_size);
+uint32_t pvio_front_final_check(pvio_ring *r);
+int pvio_front_spin(pvio_ring *r, uint32_t spin_ns);
+
+/* Back end. */
+uint32_t pvio_back_unconsumed_requests(pvio_ring *r);
+int64_t pvio_back_take_requests(pvio_ring *r, uint8_t *dst, uint32_t max,
+                                uint32_t req_size);
+uint32_t pvio_back_put_responses(pvio_ring *r, const uint8_t *src, uint32_t n,
+                                 uint32_t rsp_size);
+int pvio_back_push_responses(pvio_ring *r);
+uint32_t pvio_back_final_check(pvio_ring *r);
+int pvio_back_spin(pvio_ring *r, uint32_t spin_ns);
+
+/* The predicates of io/ring.h, once, in u32 arithmetic. */
+int pvio_need_notify(uint32_t old, uint32_t new_, uint32_t event);
+int pvio_request_cons_overflow(uint32_t cons, uint32_t rsp_prod_pvt, uint32_t nr_ents);
+int pvio_request_prod_overflow(uint32_t prod, uint32_t rsp_prod_pvt, uint32_t nr_ents);
+int pvio_response_prod_overflow(uint32_t prod, uint32_t rsp_cons, uint32_t nr_ents);
+
+/* Byte rings (console.h, ring.h flex rings). */
+void pvio_bytering_attach(pvio_bytering *b, uint8_t *buf, uint32_t size,
+                          uint32_t *prod, uint32_t *cons, int writer);
+int64_t pvio_bytering_write(pvio_bytering *b, const uint8_t *src, uint32_t len);
+int64_t pvio_bytering_read(pvio_bytering *b, uint8_t *dst, uint32_t max);
+int64_t pvio_bytering_pending(pvio_bytering *b);
+int pvio_bytering_spin(pvio_bytering *b, uint32_t spin_ns);
+uint32_t pvio_flex_queued(uint32_t prod, uint32_t cons, uint32_t ring_size);
+
+/* Grant table (grant_table.h v1 semantics). */
+void pvio_gnt_grant(uint8_t *table, uint32_t ref, uint16_t domid, uint32_t frame,
+                    int readonly);
+int pvio_gnt_end_access(uint8_t *table, uint32_t ref);
+int pvio_gnt_make_readonly(uint8_t *table, uint32_t ref);
+int32_t pvio_gnt_pin(uint8_t *table, uint32_t nr, uint32_t ref, uint16_t domid,
+                     int writable, uint32_t nr_frames, uint32_t *rd_pins,
+                     uint32_t *wr_pins, uint32_t *frame_out);
+void pvio_gnt_unpin(uint8_t *table, uint32_t ref, int writable,
+                    uint32_t *rd_pins, uint32_t *wr_pins);
+int pvio_gnt_copy(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
+                  uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
+                  pvio_gnt_copy_op *ops, uint32_t n);
+
+/* Contiguous mapping of (possibly scattered) pool frames: Xen's multi-page
+ * map. Returns NULL and sets errno on failure. */
+void *pvio_map_frames(int fd, const uint32_t *frames, uint32_t n, int writable);
+int pvio_unmap(void *addr, uint32_t n);
