@@ -1,0 +1,430 @@
+"""The store server: xs_wire over Unix stream sockets, domains, fd hand-over (trio).
+
+Two sockets, as on Xen:
+
+* the **admin** socket is xenstored's own socket: every connection is domain 0,
+  privileged (Xen's tools and ``pvio status`` use it);
+* the **guest** socket plays ``/dev/xen/xenbus``: every connection *is* a new
+  unprivileged domain with its own domid and home ``/local/domain/<domid>``
+  (holding ``domid`` and ``name``), released when the connection closes.
+
+Hardening (hardening.md #15, #16, #18, #19): sockets are 0600 in a 0700
+directory; ``SO_PEERCRED`` is logged and checked against allowed uids;
+``recvmsg`` uses ``MSG_CMSG_CLOEXEC``, a truncated ancillary buffer
+(``MSG_CTRUNC``) drops the connection, a message gets exactly the fds its type
+expects and all others are closed; each connection has a bounded outbound
+queue (a client that does not read its watch events is dropped) and the
+store's quotas.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from pvio._log import RateLimitedLogger
+from pvio.ring.errors import SharedMemoryError
+from pvio.ring.shm import SharedMemory
+from pvio.xenbus import wire
+from pvio.xenbus.dispatch import dispatch
+from pvio.xenbus.store import DOM0, Connection, Store, WatchEvent, XenstoreError
+from pvio.xenbus.wire import Message, MessageReader, WireError
+
+log = logging.getLogger("pvio.store")
+peer_log = RateLimitedLogger(log)
+
+RECV_CHUNK = 65536
+OUTBOUND_QUEUE = 256  # replies + watch events buffered per connection
+FD_CMSG_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock) -> PeerCred:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return cls(*struct.unpack("3i", raw))
+
+
+@dataclass(eq=False)
+class Domain:
+    """A guest domain: one guest-socket connection and what it handed over."""
+
+    domid: int
+    cred: PeerCred
+    memory: dict[str, SharedMemory] = field(default_factory=dict)
+    evtchn_fds: dict[int, tuple[int, int]] = field(default_factory=dict)
+    name: str = ""
+
+    def close(self) -> None:
+        for shm in self.memory.values():
+            shm.close()
+        self.memory.clear()
+        for fds in self.evtchn_fds.values():
+            for fd in fds:
+                os.close(fd)
+        self.evtchn_fds.clear()
+
+
+@dataclass(eq=False)
+class LocalWatcher:
+    """A watch owner inside the daemon (backends): events arrive on a channel."""
+
+    name: str
+    send: trio.MemorySendChannel
+    receive: trio.MemoryReceiveChannel
+
+
+class _Client:
+    def __init__(self, sock, conn: Connection, cred: PeerCred, domain: Domain | None) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.cred = cred
+        self.domain = domain
+        self.send, self.outbox = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
+        self.cancel = trio.CancelScope()
+        self.reader = MessageReader()
+        self.fds: list[int] = []
+
+    def __repr__(self) -> str:
+        who = f"dom{self.conn.domid}"
+        return f"{who} (pid {self.cred.pid}, uid {self.cred.uid})"
+
+
+DomainHook = Callable[[Domain], Awaitable[None]]
+
+
+class XenstoreServer:
+    """Serves one :class:`Store` on an admin and a guest socket."""
+
+    def __init__(self, store: Store | None = None, *, admin_uids: set[int] | None = None,
+                 guest_uids: set[int] | None = None, max_domains: int = 1024) -> None:
+        self.store = store or Store()
+        self.admin_uids = admin_uids if admin_uids is not None else {0, os.getuid()}
+        self.guest_uids = guest_uids  # None: anyone who can reach the socket
+        self.max_domains = max_domains
+        self.domains: dict[int, Domain] = {}
+        self.on_domain_up: list[DomainHook] = []
+        self.on_domain_down: list[DomainHook] = []
+        self._clients: set[_Client] = set()
+        self._local = Connection(DOM0, privileged=True, name="daemon")
+        self._nursery: trio.Nursery | None = None
+        self.store.ensure("/local/domain/0/name", b"Domain-0")
+        self.store.ensure("/local/domain/0/domid", b"0")
+
+    # ------------------------------------------------------------ sockets
+
+    @staticmethod
+    async def _listen(path: str):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(directory, 0o700)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+
+    async def serve(self, admin_path: str, guest_path: str, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on both sockets until cancelled."""
+        admin, guest = await self._listen(admin_path), await self._listen(guest_path)
+        log.info("store listening: admin %s, guest %s", admin_path, guest_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, admin, True)
+                nursery.start_soon(self._accept_loop, guest, False)
+                task_status.started()
+        finally:
+            admin.close()
+            guest.close()
+            for path in (admin_path, guest_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    async def _accept_loop(self, listener, privileged: bool) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._run_client, sock, privileged)
+
+    # ------------------------------------------------------------ domains
+
+    def _alloc_domid(self) -> int:
+        for domid in range(1, self.max_domains + 1):
+            if domid not in self.domains:
+                return domid
+        raise XenstoreError("ENOSPC", "no free domain id")
+
+    async def _introduce(self, cred: PeerCred) -> Domain:
+        domid = self._alloc_domid()
+        domain = Domain(domid, cred, name=f"pvio-{domid}")
+        self.domains[domid] = domain
+        home = f"/local/domain/{domid}"
+        self.apply(self.store.ensure(home, None, [f"n{domid}"]))
+        self.apply(self.store.ensure(f"{home}/domid", str(domid).encode(), [f"r{domid}"]))
+        self.apply(self.store.ensure(f"{home}/name", domain.name.encode(), [f"r{domid}"]))
+        self.apply(self.store.fire_special("@introduceDomain"))
+        log.info("dom%d introduced (pid %d, uid %d)", domid, cred.pid, cred.uid)
+        for hook in self.on_domain_up:
+            await hook(domain)
+        return domain
+
+    async def _release(self, domain: Domain) -> None:
+        for hook in self.on_domain_down:
+            try:
+                await hook(domain)
+            except Exception:  # a device's cleanup must not stop the others
+                log.exception("dom%d: device cleanup failed", domain.domid)
+        self.apply(self.store.remove_tree(f"/local/domain/{domain.domid}"))
+        self.apply(self.store.fire_special("@releaseDomain"))
+        domain.close()
+        del self.domains[domain.domid]
+        log.info("dom%d released", domain.domid)
+
+    # -------------------------------------------------- local (dom0) access
+
+    @property
+    def local(self) -> Connection:
+        """The daemon's own privileged store connection (for backends)."""
+        return self._local
+
+    def apply(self, events: list[WatchEvent]) -> None:
+        """Deliver watch events produced by a store operation."""
+        for event in events:
+            target = event.conn.owner
+            if isinstance(target, _Client):
+                self._queue(target, wire.watch_event(event.path, event.token))
+            elif isinstance(target, LocalWatcher):
+                try:
+                    target.send.send_nowait((event.path, event.token))
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    log.warning("local watcher %s is not keeping up", target.name)
+
+    def local_watcher(self, name: str, buffer: int = 1024) -> LocalWatcher:
+        send, receive = trio.open_memory_channel(buffer)
+        return LocalWatcher(name, send, receive)
+
+    def local_connection(self, watcher: LocalWatcher) -> Connection:
+        """A privileged store connection whose watch events go to ``watcher``."""
+        return Connection(DOM0, privileged=True, name=watcher.name, owner=watcher)
+
+    # ------------------------------------------------------------ clients
+
+    def _queue(self, client: _Client, msg: Message) -> None:
+        try:
+            client.send.send_nowait(msg)
+        except trio.WouldBlock:
+            peer_log.warning(f"outbox:{client.conn.domid}",
+                             "%s: not reading its replies/events; disconnecting", client)
+            client.cancel.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _run_client(self, sock, privileged: bool) -> None:
+        with sock:
+            try:
+                cred = PeerCred.of(sock)
+            except OSError:
+                return
+            allowed = self.admin_uids if privileged else self.guest_uids
+            if allowed is not None and cred.uid not in allowed:
+                peer_log.warning(f"uid:{cred.uid}", "refused %s connection from uid %d (pid %d)",
+                                 "admin" if privileged else "guest", cred.uid, cred.pid)
+                return
+            domain = None
+            if privileged:
+                conn = Connection(DOM0, privileged=True, name=f"admin pid {cred.pid}")
+                log.debug("admin connection from pid %d uid %d", cred.pid, cred.uid)
+            else:
+                try:
+                    domain = await self._introduce(cred)
+                except XenstoreError as exc:
+                    log.warning("refused guest pid %d: %s", cred.pid, exc)
+                    return
+                conn = Connection(domain.domid, name=f"dom{domain.domid}")
+            client = _Client(sock, conn, cred, domain)
+            conn.owner = client
+            self._clients.add(client)
+            try:
+                with client.cancel:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._writer, client)
+                        await self._reader(client)
+                        nursery.cancel_scope.cancel()
+            finally:
+                self._clients.discard(client)
+                for fd in client.fds:
+                    os.close(fd)
+                client.fds.clear()
+                self.store.release(conn)
+                if domain is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._release(domain)
+
+    async def _writer(self, client: _Client) -> None:
+        async for msg in client.outbox:
+            try:
+                await _sendall(client.sock, msg.encode())
+            except OSError:
+                client.cancel.cancel()
+                return
+
+    async def _reader(self, client: _Client) -> None:
+        while True:
+            try:
+                data, ancdata, flags, _ = await client.sock.recvmsg(
+                    RECV_CHUNK, FD_CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:
+                return
+            fds = _fds_from(ancdata)
+            client.fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                peer_log.warning(f"ctrunc:{client.conn.domid}",
+                                 "%s: sent more fds than any message carries; disconnecting",
+                                 client)
+                return
+            if not data:
+                return
+            client.reader.feed(data)
+            try:
+                for msg in client.reader:
+                    await self._handle(client, msg)
+            except WireError as exc:
+                peer_log.warning(f"wire:{client.conn.domid}", "%s: %s; disconnecting",
+                                 client, exc)
+                return
+            if client.fds and not client.reader.buffered:
+                # fds that arrived with no message to claim them
+                self._close_fds(client, len(client.fds))
+            if len(client.fds) > wire.MAX_FDS:
+                peer_log.warning(f"fds:{client.conn.domid}", "%s: too many fds; disconnecting",
+                                 client)
+                return
+
+    def _close_fds(self, client: _Client, n: int) -> None:
+        for fd in client.fds[:n]:
+            os.close(fd)
+        del client.fds[:n]
+
+    async def _handle(self, client: _Client, msg: Message) -> None:
+        expected = wire.FDS_EXPECTED.get(msg.type, 0)
+        if expected == 0:
+            if client.fds:
+                self._close_fds(client, len(client.fds))
+                self._queue(client, wire.error(msg, "EINVAL"))
+                return
+            reply, events = dispatch(self.store, client.conn, msg)
+            self._queue(client, reply)
+            self.apply(events)
+            return
+        if len(client.fds) < expected or client.domain is None:
+            self._close_fds(client, len(client.fds))
+            self._queue(client, wire.error(msg, "EINVAL"))
+            return
+        fds = client.fds[:expected]
+        del client.fds[:expected]
+        try:
+            self._take_fds(client.domain, msg, fds)
+        except XenstoreError as exc:
+            self._queue(client, wire.error(msg, exc.name))
+            return
+        self._queue(client, wire.ok(msg))
+
+    def _take_fds(self, domain: Domain, msg: Message, fds: list[int]) -> None:
+        """Adopt handed-over fds, or close them all and raise."""
+        try:
+            if msg.type == wire.PVIO_SHARE_MEMORY:
+                (kind,) = wire.strings(msg.payload, 1)
+                if kind not in ("pool", "gnttab"):
+                    raise XenstoreError("EINVAL", f"unknown memory kind {kind!r}")
+                if kind in domain.memory:
+                    raise XenstoreError("EEXIST", f"{kind} already handed over")
+                fd = fds.pop()
+                try:
+                    domain.memory[kind] = SharedMemory.from_fd(
+                        fd, name=f"dom{domain.domid} {kind}"
+                    )
+                except SharedMemoryError as exc:
+                    peer_log.warning(f"shm:{domain.domid}", "dom%d: %s", domain.domid, exc)
+                    raise XenstoreError("EINVAL", str(exc)) from exc
+            elif msg.type == wire.PVIO_BIND_EVTCHN:
+                (port,) = wire.strings(msg.payload, 1)
+                if not port.isdigit() or not 0 < int(port) < 4096:
+                    raise XenstoreError("EINVAL", f"bad port {port!r}")
+                if int(port) in domain.evtchn_fds:
+                    raise XenstoreError("EEXIST", f"port {port} already handed over")
+                for fd in fds:
+                    if not _is_eventfd(fd):
+                        raise XenstoreError("EINVAL", "event channel fds must be eventfds")
+                domain.evtchn_fds[int(port)] = (fds[0], fds[1])
+                fds.clear()
+        except ValueError as exc:
+            raise XenstoreError("EINVAL", str(exc)) from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def aclose_domain(self, domid: int) -> None:
+        """Disconnect a guest domain (e.g. after it broke a protocol)."""
+        for client in list(self._clients):
+            if client.domain is not None and client.domain.domid == domid:
+                client.cancel.cancel()
+
+
+def _fds_from(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+
+
+async def _sendall(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
