@@ -14,6 +14,12 @@ channels, xenbus) between ordinary Linux processes, no hypervisor needed.
 
 EPILOG = """\
 examples:
+  pvio demo                       start a daemon on the embedded default, attach a
+                                  frontend session, show states and features
+  pvio serve                      run the daemon (embedded default config)
+  pvio serve --config pvio.toml   run the daemon with your devices
+  pvio status                     domains, devices, states, negotiated features
+  XENSTORED_PATH=$(pvio sockets --admin) xenstore-ls   Xen's own tools work too
   pvio bench ring                 ring vs socketpair vs multiprocessing.Pipe
   pvio bench ring --json          the same, as one JSON object with 'ratios'
   pvio bench ring --seconds 1 --depths 1,256
@@ -29,6 +35,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pvio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon: the store plus the configured backends",
+        description="Run the pvio daemon. It serves a xenstore-compatible store on a guest "
+        "socket (each frontend connection is a domain) and an admin socket (<socket>.admin, "
+        "domain 0: Xen's xenstore-* tools and `pvio status`), and runs the backends of the "
+        "devices in the config. With no --config it uses an embedded default (one domain "
+        "'guest' with a sparse disk image, a console and a network port); print it with "
+        "`pvio serve --print-default-config`. SIGINT/SIGTERM close devices gracefully.",
+    )
+    _socket_args(serve)
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration (see above)")
+    serve.add_argument("--data-dir", metavar="DIR", help="where disk images live "
+                       "(default: /var/lib/pvio as root, else ~/.local/share/pvio)")
+    serve.add_argument("--print-default-config", action="store_true",
+                       help="print the embedded default configuration and exit")
+    serve.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more log detail (-vv for debug)")
+
+    status = sub.add_parser(
+        "status",
+        help="list domains, devices, both sides' states and negotiated features",
+        description="Connect to the daemon's admin socket as an ordinary xenstore client "
+        "and summarise the store: domains, devices, their XenbusStates on both sides and "
+        "the keys each side published.",
+    )
+    _socket_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a daemon on the embedded default and attach a frontend session",
+        description="Start a daemon in this process (temporary sockets and data directory, "
+        "embedded default config), open a frontend domain session against it, attach every "
+        "offered device, and print what happened: the handshake states and the keys each "
+        "side negotiated. Then close the devices and stop.",
+    )
+    demo.add_argument("-v", "--verbose", action="count", default=0)
+
+    sockets = sub.add_parser("sockets", help="print the default socket paths")
+    _socket_args(sockets)
+    sockets.add_argument("--admin", action="store_true", help="only the admin socket")
 
     bench = sub.add_parser(
         "bench",
@@ -50,12 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _socket_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", metavar="PATH", help="the daemon's guest socket "
+                        "(default: /run/pvio/xenbus.sock as root, else "
+                        "$XDG_RUNTIME_DIR/pvio/xenbus.sock); the admin socket is PATH.admin")
+
+
+def _setup_logging(verbose: int) -> None:
+    import logging
+
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("serve", "status", "demo", "sockets"):
+        from pvio import _commands
+
+        return getattr(_commands, args.command)(args)
     if args.command == "bench":
         from pvio.bench import ring as bench_ring
 

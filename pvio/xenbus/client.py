@@ -172,6 +172,10 @@ class XsClient:
         """pvio extension: hand over an unbound port's eventfds (peer's local end first)."""
         await self.request(wire.PVIO_BIND_EVTCHN, wire.join([str(port)]), fds=list(fds))
 
+    async def claim(self, name: str) -> int:
+        """pvio extension: become the configured domain ``name``; returns our domid."""
+        return int(wire.strings(await self.request(wire.PVIO_CLAIM, wire.join([name])), 1)[0])
+
     async def aclose(self) -> None:
         self._sock.close()
 

@@ -69,6 +69,7 @@ class Domain:
     memory: dict[str, SharedMemory] = field(default_factory=dict)
     evtchn_fds: dict[int, tuple[int, int]] = field(default_factory=dict)
     name: str = ""
+    claimed: bool = False
 
     def close(self) -> None:
         for shm in self.memory.values():
@@ -106,6 +107,7 @@ class _Client:
 
 
 DomainHook = Callable[[Domain], Awaitable[None]]
+ClaimHook = Callable[[Domain, str], Awaitable[None]]
 
 
 class XenstoreServer:
@@ -118,7 +120,7 @@ class XenstoreServer:
         self.guest_uids = guest_uids  # None: anyone who can reach the socket
         self.max_domains = max_domains
         self.domains: dict[int, Domain] = {}
-        self.on_domain_up: list[DomainHook] = []
+        self.on_claim: ClaimHook | None = None
         self.on_domain_down: list[DomainHook] = []
         self._clients: set[_Client] = set()
         self._local = Connection(DOM0, privileged=True, name="daemon")
@@ -197,8 +199,6 @@ class XenstoreServer:
         self.apply(self.store.ensure(f"{home}/name", domain.name.encode(), [f"r{domid}"]))
         self.apply(self.store.fire_special("@introduceDomain"))
         log.info("dom%d introduced (pid %d, uid %d)", domid, cred.pid, cred.uid)
-        for hook in self.on_domain_up:
-            await hook(domain)
         return domain
 
     async def _release(self, domain: Domain) -> None:
@@ -236,9 +236,9 @@ class XenstoreServer:
         send, receive = trio.open_memory_channel(buffer)
         return LocalWatcher(name, send, receive)
 
-    def local_connection(self, watcher: LocalWatcher) -> Connection:
-        """A privileged store connection whose watch events go to ``watcher``."""
-        return Connection(DOM0, privileged=True, name=watcher.name, owner=watcher)
+    def local_store(self, name: str) -> LocalStore:
+        """Privileged in-process store access for a backend, with its own watches."""
+        return LocalStore(self, name)
 
     # ------------------------------------------------------------ clients
 
@@ -341,6 +341,9 @@ class XenstoreServer:
 
     async def _handle(self, client: _Client, msg: Message) -> None:
         expected = wire.FDS_EXPECTED.get(msg.type, 0)
+        if msg.type == wire.PVIO_CLAIM and not client.fds:
+            await self._claim(client, msg)
+            return
         if expected == 0:
             if client.fds:
                 self._close_fds(client, len(client.fds))
@@ -362,6 +365,30 @@ class XenstoreServer:
             self._queue(client, wire.error(msg, exc.name))
             return
         self._queue(client, wire.ok(msg))
+
+    async def _claim(self, client: _Client, msg: Message) -> None:
+        domain = client.domain
+        try:
+            if domain is None:
+                raise XenstoreError("EINVAL", "admin connections are domain 0")
+            try:
+                (name,) = wire.strings(msg.payload, 1)
+            except ValueError as exc:
+                raise XenstoreError("EINVAL", str(exc)) from exc
+            if domain.claimed:
+                raise XenstoreError("EISCONN", f"dom{domain.domid} is already {domain.name}")
+            if self.on_claim is None:
+                raise XenstoreError("ENOENT", "this store has no configured domains")
+            await self.on_claim(domain, name)
+        except XenstoreError as exc:
+            peer_log.info(f"claim:{client.cred.uid}", "%s: claim refused: %s", client, exc)
+            self._queue(client, wire.error(msg, exc.name))
+            return
+        domain.claimed = True
+        domain.name = name
+        self.apply(self.store.ensure(f"/local/domain/{domain.domid}/name", name.encode(),
+                                     [f"r{domain.domid}"]))
+        self._queue(client, wire.reply(msg, f"{domain.domid}\0".encode()))
 
     def _take_fds(self, domain: Domain, msg: Message, fds: list[int]) -> None:
         """Adopt handed-over fds, or close them all and raise."""
@@ -428,3 +455,44 @@ async def _sendall(sock, data: bytes) -> None:
     while view:
         sent = await sock.send(view)
         view = view[sent:]
+
+
+class LocalStore:
+    """Domain 0's in-process store access (the daemon's backends).
+
+    Offers the async methods of :class:`~pvio.xenbus.client.XsClient` that
+    device code uses, so a device runs the same against either; watch events
+    are delivered through the server like any client's.
+    """
+
+    def __init__(self, server: XenstoreServer, name: str, buffer: int = 1024) -> None:
+        self.server = server
+        self.store = server.store
+        self.send, self.events = trio.open_memory_channel[tuple[str, str]](buffer)
+        self.watcher = LocalWatcher(name, self.send, self.events)
+        self.conn = Connection(DOM0, privileged=True, name=name, owner=self.watcher)
+
+    async def read_or_none(self, path: str) -> bytes | None:
+        try:
+            return self.store.read(self.conn, path)
+        except XenstoreError as exc:
+            if exc.name == "ENOENT":
+                return None
+            raise
+
+    async def write(self, path: str, value: bytes | str) -> None:
+        raw = value.encode() if isinstance(value, str) else value
+        self.server.apply(self.store.write(self.conn, path, raw))
+
+    async def set_perms(self, path: str, perms: list[str]) -> None:
+        self.server.apply(self.store.set_perms(self.conn, path, perms))
+
+    async def rm(self, path: str) -> None:
+        self.server.apply(self.store.rm(self.conn, path))
+
+    def watch(self, path: str, token: str) -> None:
+        self.server.apply(self.store.watch(self.conn, path, token))
+
+    def close(self) -> None:
+        self.store.release(self.conn)
+        self.send.close()

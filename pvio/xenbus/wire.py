@@ -6,9 +6,9 @@ little-endian u32) followed by ``len`` payload bytes, at most
 last argument of ``WRITE`` (the value) is not terminated. Replies echo
 ``req_id`` and ``tx_id``; errors are ``XS_ERROR`` with the errno name.
 
-pvio adds two message types outside Xen's range (documented in
-specs/xenbus.md) that carry file descriptors with SCM_RIGHTS: see
-:data:`PVIO_SHARE_MEMORY` and :data:`PVIO_BIND_EVTCHN`.
+pvio adds three message types outside Xen's range (documented in
+specs/xenbus.md): :data:`PVIO_SHARE_MEMORY` and :data:`PVIO_BIND_EVTCHN` carry
+file descriptors with SCM_RIGHTS, :data:`PVIO_CLAIM` names the domain.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ PVIO_SHARE_MEMORY = 0x70760001
 #: pvio extension: hand over both eventfds of an unbound event-channel port.
 #: Payload ``"<port>\0"``; exactly two fds (the daemon's end first).
 PVIO_BIND_EVTCHN = 0x70760002
+#: pvio extension: claim the configured domain ``name`` for this guest
+#: connection (what Xen's toolstack decides by creating the domain). Payload
+#: ``"<name>\0"``; no fds. Reply: ``"<domid>\0"``.
+PVIO_CLAIM = 0x70760003
 
-_EXTENSION_NAMES = {PVIO_SHARE_MEMORY: "PVIO_SHARE_MEMORY", PVIO_BIND_EVTCHN: "PVIO_BIND_EVTCHN"}
+_EXTENSION_NAMES = {
+    PVIO_SHARE_MEMORY: "PVIO_SHARE_MEMORY",
+    PVIO_BIND_EVTCHN: "PVIO_BIND_EVTCHN",
+    PVIO_CLAIM: "PVIO_CLAIM",
+}
 
 #: How many fds each message type must carry; every other type carries none.
 FDS_EXPECTED = {PVIO_SHARE_MEMORY: 1, PVIO_BIND_EVTCHN: 2}

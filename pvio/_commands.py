@@ -1,0 +1,114 @@
+"""Implementations of the daemon-side CLI commands (serve, status, demo, sockets)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+
+import trio
+
+from pvio import config as cfg
+from pvio.cli import _setup_logging
+
+
+def serve(args) -> int:
+    if args.print_default_config:
+        print(cfg.DEFAULT_TOML.strip())
+        return 0
+    _setup_logging(args.verbose)
+    try:
+        config = cfg.load(args.config, socket=args.socket, data_dir=args.data_dir)
+    except cfg.ConfigError as exc:
+        print(f"pvio serve: {exc}", file=sys.stderr)
+        return 2
+    from pvio.daemon import Daemon
+
+    try:
+        trio.run(Daemon(config).serve_until_signal)
+    except OSError as exc:
+        print(f"pvio serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def sockets(args) -> int:
+    guest = args.socket or cfg.default_socket()
+    if args.admin:
+        print(cfg.admin_socket_for(guest))
+    else:
+        print(f"guest {guest}\nadmin {cfg.admin_socket_for(guest)}")
+    return 0
+
+
+def status(args) -> int:
+    from pvio import _status
+    from pvio.xenbus.client import open_client
+
+    path = cfg.admin_socket_for(args.socket or cfg.default_socket())
+
+    async def main() -> tuple:
+        async with open_client(path) as xs:
+            return await _status.collect(xs)
+
+    try:
+        domains, rows = trio.run(main)
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        print(f"pvio status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"domains": domains, "devices": [vars(r) for r in rows]}, indent=2))
+    else:
+        print(_status.render(domains, rows))
+    return 0
+
+
+def demo(args) -> int:
+    _setup_logging(args.verbose - 1)
+    return trio.run(_demo)
+
+
+async def _demo() -> int:
+    from pvio import _status
+    from pvio.daemon import Daemon
+    from pvio.frontends.session import open_session
+    from pvio.xenbus.client import open_client
+
+    log = logging.getLogger("pvio.demo")
+    with tempfile.TemporaryDirectory(prefix="pvio-demo-") as tmp:
+        config = cfg.load(None, socket=f"{tmp}/run/xenbus.sock", data_dir=f"{tmp}/data")
+        print(f"1. starting the daemon (embedded default config, sockets in {tmp}/run)")
+        async with trio.open_nursery() as nursery:
+            daemon = await nursery.start(Daemon(config).run)
+            print(f"2. opening a frontend session on {config.socket} as domain 'guest'")
+            async with open_session(config.socket, "guest", pool_pages=256) as session:
+                offered = await session.devices()
+                print(f"   -> we are dom{session.domid}; the daemon offers: "
+                      + ", ".join(f"{d.type}/{d.devid}" for d in offered))
+                print("3. attaching every device (XenbusState handshake on both sides)")
+                devices = []
+                for dev in offered:
+                    driver = session.driver_for(dev)
+                    devices.append(await session.attach(driver, dev.devid))
+                with trio.move_on_after(10) as timeout:
+                    for device in devices:
+                        await device.connected.wait()
+                if timeout.cancelled_caught:
+                    log.error("devices did not connect within 10 s")
+                for device in devices:
+                    hist = " -> ".join(h[1] for h in device.status.history)
+                    print(f"   {device.driver.type}/{device.devid}: frontend {hist}")
+                print("4. the store as `pvio status` sees it (admin socket):")
+                async with open_client(config.admin_socket) as xs:
+                    domains, rows = await _status.collect(xs)
+                print("   " + _status.render(domains, rows).replace("\n", "\n   "))
+                print("5. closing the devices (frontend Closing, backend unmaps, both Closed)")
+                for device in devices:
+                    await device.close()
+                    hist = " -> ".join(h[1] for h in device.status.history)
+                    print(f"   {device.driver.type}/{device.devid}: frontend {hist}")
+            await daemon.shutdown()
+            nursery.cancel_scope.cancel()
+    print("done.")
+    return 0

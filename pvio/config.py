@@ -1,0 +1,184 @@
+"""``pvio serve`` configuration: a TOML file, or the embedded default.
+
+Example (every key optional; this is the embedded default)::
+
+    # socket = "/run/pvio/xenbus.sock"   # guest socket; admin socket: <socket>.admin
+    # data_dir = "/var/lib/pvio"
+    # admin_uids = [0]                    # default: root and the daemon's own uid
+    # guest_uids = [1000]                 # default: whoever can open the socket (0600)
+
+    [[domain]]
+    name = "guest"                        # a frontend claims it by name
+    # uids = [1000]                       # who may claim it (default: any guest)
+
+      [[domain.device]]
+      type = "vbd"                        # a disk: a sparse raw image in data_dir
+      devid = 51712                       # xvda
+      image = "guest-xvda.img"
+      size = "64M"
+      mode = "w"                          # "r" for read-only
+
+      [[domain.device]]
+      type = "console"
+      devid = 0
+
+      [[domain.device]]
+      type = "vif"                        # a port on the daemon's switch
+      devid = 0
+      mac = "00:16:3e:00:00:01"
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+DEFAULT_TOML = __doc__.split("Example (every key optional; this is the embedded default)::")[1]
+DEFAULT_TOML = "\n".join(line[4:] for line in DEFAULT_TOML.splitlines())
+
+DEVICE_TYPES = ("vbd", "console", "vif")
+_SIZE = re.compile(r"^(\d+)([KMGT]?)$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    type: str
+    devid: int
+    options: dict
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    uids: frozenset[int] | None
+    devices: tuple[DeviceConfig, ...]
+
+
+@dataclass
+class Config:
+    socket: str
+    data_dir: str
+    admin_uids: set[int] | None = None
+    guest_uids: set[int] | None = None
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+    source: str = "embedded default"
+
+    @property
+    def admin_socket(self) -> str:
+        return admin_socket_for(self.socket)
+
+
+def admin_socket_for(guest_socket: str) -> str:
+    return guest_socket + ".admin"
+
+
+def default_socket() -> str:
+    if os.geteuid() == 0:
+        return "/run/pvio/xenbus.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/pvio-{os.getuid()}"
+    return str(pathlib.Path(runtime) / "pvio" / "xenbus.sock")
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/pvio"
+    base = os.environ.get("XDG_DATA_HOME") or str(pathlib.Path.home() / ".local" / "share")
+    return str(pathlib.Path(base) / "pvio")
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text).strip().upper())
+    if not m:
+        raise ConfigError(f"bad size {text!r} (use e.g. 512, 64M, 1G)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " "))
+
+
+def _uids(value, where: str) -> set[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(u, int) and u >= 0 for u in value):
+        raise ConfigError(f"{where}: must be a list of uids")
+    return set(value)
+
+
+def _device(raw: dict, where: str) -> DeviceConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    opts = dict(raw)
+    dtype = opts.pop("type", None)
+    if dtype not in DEVICE_TYPES:
+        raise ConfigError(f"{where}: type must be one of {', '.join(DEVICE_TYPES)}")
+    devid = opts.pop("devid", 0)
+    if not isinstance(devid, int) or not 0 <= devid < 1 << 31:
+        raise ConfigError(f"{where}: devid must be a non-negative integer")
+    if dtype == "vbd":
+        opts.setdefault("image", f"vbd-{devid}.img")
+        opts["size"] = parse_size(opts.get("size", "64M"))
+        if opts["size"] <= 0 or opts["size"] % 512:
+            raise ConfigError(f"{where}: size must be a positive multiple of 512")
+        if opts.setdefault("mode", "w") not in ("r", "w"):
+            raise ConfigError(f"{where}: mode must be 'r' or 'w'")
+    if dtype == "vif":
+        mac = str(opts.setdefault("mac", f"00:16:3e:00:00:{devid % 256:02x}")).lower()
+        if not _MAC.match(mac):
+            raise ConfigError(f"{where}: bad mac {mac!r}")
+        opts["mac"] = mac
+    return DeviceConfig(dtype, devid, opts)
+
+
+def parse(text: str, *, source: str = "config", socket: str | None = None,
+          data_dir: str | None = None) -> Config:
+    """Parse and validate a TOML configuration; command-line paths override it."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    known = {"socket", "data_dir", "admin_uids", "guest_uids", "domain"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+    cfg = Config(
+        socket=socket or raw.get("socket") or default_socket(),
+        data_dir=data_dir or raw.get("data_dir") or default_data_dir(),
+        admin_uids=_uids(raw.get("admin_uids"), f"{source}: admin_uids"),
+        guest_uids=_uids(raw.get("guest_uids"), f"{source}: guest_uids"),
+        source=source,
+    )
+    for i, dom in enumerate(raw.get("domain", [])):
+        where = f"{source}: domain[{i}]"
+        name = dom.get("name")
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+            raise ConfigError(f"{where}: name must be 1-64 characters of [A-Za-z0-9_-]")
+        if name in cfg.domains:
+            raise ConfigError(f"{where}: duplicate domain name {name!r}")
+        devices = tuple(_device(d, f"{where}.device[{j}]")
+                        for j, d in enumerate(dom.get("device", [])))
+        seen = set()
+        for dev in devices:
+            if (dev.type, dev.devid) in seen:
+                raise ConfigError(f"{where}: duplicate device {dev.type} {dev.devid}")
+            seen.add((dev.type, dev.devid))
+        uids = _uids(dom.get("uids"), f"{where}.uids")
+        cfg.domains[name] = DomainConfig(name, frozenset(uids) if uids is not None else None,
+                                         devices)
+    return cfg
+
+
+def load(path: str | None, *, socket: str | None = None, data_dir: str | None = None) -> Config:
+    if path is None:
+        return parse(DEFAULT_TOML, source="embedded default", socket=socket, data_dir=data_dir)
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse(text, source=path, socket=socket, data_dir=data_dir)

@@ -1,0 +1,194 @@
+"""``pvio serve``: the daemon hosting the store and the backends.
+
+It listens on the guest socket (frontends: each connection is a domain) and the
+admin socket (Xen's tools, ``pvio status``). When a guest claims a configured
+domain, the daemon does what Xen's toolstack does: it creates each device's
+backend and frontend nodes, then runs the backend side of the XenbusState
+handshake for it. SIGINT/SIGTERM close every device (Closing, then Closed) and
+stop; with ``NOTIFY_SOCKET`` set it tells systemd when it is ready and when it
+is stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from pvio.backends.blkback import BlkBackend, ensure_image
+from pvio.backends.consoleback import ConsoleBackend
+from pvio.backends.netback import NetBackend
+from pvio.config import Config, DeviceConfig
+from pvio.layouts import XenbusState as S
+from pvio.xenbus.device import BackendDevice, backend_path, frontend_path
+from pvio.xenbus.server import Domain, LocalStore, XenstoreServer
+from pvio.xenbus.store import XenstoreError
+
+log = logging.getLogger("pvio.daemon")
+
+
+def sd_notify(state: str) -> bool:
+    """systemd's sd_notify(3) without libsystemd: one datagram to ``NOTIFY_SOCKET``."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(path)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd at %s: %s", path, exc)
+            return False
+    return True
+
+
+@dataclass
+class _Attached:
+    domain: Domain
+    devices: list[BackendDevice] = field(default_factory=list)
+    stores: list[LocalStore] = field(default_factory=list)
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server = XenstoreServer(admin_uids=config.admin_uids, guest_uids=config.guest_uids)
+        self.server.on_claim = self._claim
+        self.server.on_domain_down.append(self._release)
+        self._claimed: dict[str, _Attached] = {}
+        self._nursery: trio.Nursery | None = None
+        self.ready = trio.Event()
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.server.serve, self.config.admin_socket, self.config.socket)
+            log.info("pvio daemon ready (config: %s; guest socket %s; admin socket %s; data %s)",
+                     self.config.source, self.config.socket, self.config.admin_socket,
+                     self.config.data_dir)
+            sd_notify(f"READY=1\nSTATUS=serving {len(self.config.domains)} domain(s)")
+            self.ready.set()
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGINT/SIGTERM, then shut down gracefully."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                async for signum in signals:
+                    log.info("%s received: closing devices", signal.Signals(signum).name)
+                    break
+                sd_notify("STOPPING=1")
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Close every device: backend Closing, stop I/O, Closed."""
+        for attached in list(self._claimed.values()):
+            for device in attached.devices:
+                try:
+                    await device.shutdown()
+                except Exception:
+                    log.exception("%s: shutdown failed", device)
+        log.info("all devices closed")
+
+    # -------------------------------------------------------------- domains
+
+    def _driver(self, domain: Domain, dev: DeviceConfig):
+        if dev.type == "vbd":
+            image = os.path.join(self.config.data_dir, dev.options["image"])
+            ensure_image(image, dev.options["size"])
+            return BlkBackend(domain, image, dev.options["mode"])
+        if dev.type == "console":
+            return ConsoleBackend(domain)
+        return NetBackend(domain, dev.options["mac"])
+
+    async def _claim(self, domain: Domain, name: str) -> None:
+        dom_cfg = self.config.domains.get(name)
+        if dom_cfg is None:
+            raise XenstoreError("ENOENT", f"no domain {name!r} in {self.config.source}")
+        if dom_cfg.uids is not None and domain.cred.uid not in dom_cfg.uids:
+            raise XenstoreError("EACCES", f"uid {domain.cred.uid} may not claim {name!r}")
+        if name in self._claimed:
+            raise XenstoreError("EBUSY", f"{name!r} is attached as "
+                                f"dom{self._claimed[name].domain.domid}")
+        attached = _Attached(domain)
+        self._claimed[name] = attached
+        log.info("dom%d claims domain %r (%d device(s))", domain.domid, name,
+                 len(dom_cfg.devices))
+        for dev in dom_cfg.devices:
+            store = self.server.local_store(f"{dev.type}/{domain.domid}/{dev.devid}")
+            driver = self._driver(domain, dev)
+            device = BackendDevice(store, driver, domain.domid, dev.devid,
+                                   driver.layout.frontend_keys)
+            await self._create_nodes(store, device, driver)
+            attached.devices.append(device)
+            attached.stores.append(store)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_domain, attached)
+
+    async def _create_nodes(self, store: LocalStore, device: BackendDevice, driver) -> None:
+        """What libxl does for a new device: both directories, perms, initial keys."""
+        domid = device.domid
+        be, fe = device.be, device.fe
+        await store.write(be, "")
+        await store.set_perms(be, ["n0", f"r{domid}"])
+        for key, value in {"frontend": fe, "frontend-id": str(domid), "online": "1",
+                           "state": str(int(S.Initialising)),
+                           **driver.toolstack_keys()}.items():
+            await store.write(f"{be}/{key}", value)
+        await store.write(fe, "")
+        await store.set_perms(fe, [f"n{domid}", "r0"])
+        for key, value in {"backend": be, "backend-id": "0",
+                           "state": str(int(S.Initialising))}.items():
+            await store.write(f"{fe}/{key}", value)
+        if driver.type == "vif":
+            await store.write(f"{fe}/mac", driver.mac)
+
+    async def _run_domain(self, attached: _Attached) -> None:
+        with attached.cancel:
+            async with trio.open_nursery() as nursery:
+                for device, store in zip(attached.devices, attached.stores, strict=True):
+                    nursery.start_soon(self._run_device, device, store)
+
+    async def _run_device(self, device: BackendDevice, store: LocalStore) -> None:
+        store.watch(f"{device.fe}/state", "fe-state")
+        await device.publish()
+        async for _path, _token in store.events:
+            try:
+                await device.frontend_changed()
+            except Exception:  # a device bug must not take the daemon down
+                log.exception("%s: handshake failed; closing it", device)
+                await device.driver.disconnect()
+                return
+
+    async def _release(self, domain: Domain) -> None:
+        for name, attached in list(self._claimed.items()):
+            if attached.domain is not domain:
+                continue
+            attached.cancel.cancel()
+            for device, store in zip(attached.devices, attached.stores, strict=True):
+                await device.driver.disconnect()
+                store.close()
+                self.server.apply(self.server.store.remove_tree(
+                    backend_path(device.driver.type, domain.domid, device.devid)))
+            for type_ in {d.driver.type for d in attached.devices}:
+                parent = f"/local/domain/0/backend/{type_}/{domain.domid}"
+                self.server.apply(self.server.store.remove_tree(parent))
+            del self._claimed[name]
+            log.info("dom%d (%s) gone: %d device(s) disconnected", domain.domid, name,
+                     len(attached.devices))
+
+
+__all__ = ["Daemon", "frontend_path", "sd_notify"]

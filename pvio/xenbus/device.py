@@ -1,0 +1,252 @@
+"""The device framework: node layout plus the XenbusState handshake, for both sides.
+
+A device driver writes only its own feature negotiation and connect logic
+(:class:`BackendDriver`, :class:`FrontendDriver`); :class:`BackendDevice` and
+:class:`FrontendDevice` create the nodes Xen's toolstack creates, watch the
+peer's ``state`` and run the tables of :mod:`pvio.xenbus.state`.
+
+Node layout (as libxl writes it)::
+
+    /local/domain/0/backend/<type>/<domid>/<devid>/    owner dom0, read: frontend
+        frontend, frontend-id, online, state, <backend features and info>
+    /local/domain/<domid>/device/<type>/<devid>/       owner the frontend, read: dom0
+        backend, backend-id, state, <ring-ref*, event-channel, protocol, ...>
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from pvio._log import RateLimitedLogger
+from pvio.layouts import XenbusState as S
+from pvio.xenbus.state import BACKEND_TABLE, FRONTEND_TABLE, Action, parse_state, step
+from pvio.xenbus.store import XenstoreError
+
+log = logging.getLogger("pvio.device")
+peer_log = RateLimitedLogger(log)
+
+
+def backend_path(type_: str, domid: int, devid: int | str) -> str:
+    return f"/local/domain/0/backend/{type_}/{domid}/{devid}"
+
+
+def frontend_path(type_: str, domid: int, devid: int | str) -> str:
+    return f"/local/domain/{domid}/device/{type_}/{devid}"
+
+
+class DeviceError(Exception):
+    """A device cannot connect (bad keys from the peer, missing resources)."""
+
+
+class Store(Protocol):
+    """What the framework needs from a store: the daemon's local access or a client."""
+
+    async def read_or_none(self, path: str) -> bytes | None: ...
+    async def write(self, path: str, value: bytes | str) -> None: ...
+
+
+# ------------------------------------------------------------------ backend
+
+
+class BackendDriver(Protocol):
+    """What a backend device type implements (blkback, netback, consoleback)."""
+
+    type: str
+
+    def features(self) -> dict[str, str]:
+        """Keys published before InitWait (``feature-*``, ``max-ring-page-order``...)."""
+
+    async def connect(self, frontend: dict[str, bytes | None]) -> dict[str, str]:
+        """Map rings, bind event channels, start serving. ``frontend`` holds the
+        frontend's keys (read once, validated here). Returns keys to publish
+        before Connected. Raise DeviceError to refuse."""
+
+    async def disconnect(self) -> None:
+        """Stop serving and release the rings (idempotent)."""
+
+
+@dataclass
+class DeviceStatus:
+    state: S = S.Initialising
+    peer_state: S = S.Unknown
+    transitions: int = 0
+    last_error: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+class BackendDevice:
+    """Runs one backend device instance against the daemon's store."""
+
+    def __init__(self, store: Store, driver: BackendDriver, domid: int, devid: int,
+                 frontend_keys: tuple[str, ...]) -> None:
+        self.store = store
+        self.driver = driver
+        self.domid = domid
+        self.devid = devid
+        self.frontend_keys = frontend_keys
+        self.be = backend_path(driver.type, domid, devid)
+        self.fe = frontend_path(driver.type, domid, devid)
+        self.status = DeviceStatus()
+
+    def __repr__(self) -> str:
+        return f"{self.driver.type}/{self.domid}/{self.devid}"
+
+    async def _set_state(self, state: S) -> None:
+        self.status.history.append((self.status.state.name, state.name))
+        del self.status.history[:-32]
+        self.status.state = state
+        self.status.transitions += 1
+        await self.store.write(f"{self.be}/state", str(int(state)))
+
+    async def publish(self) -> None:
+        """Publish the backend features and go to InitWait."""
+        for key, value in self.driver.features().items():
+            await self.store.write(f"{self.be}/{key}", value)
+        await self._set_state(S.InitWait)
+
+    async def frontend_changed(self) -> None:
+        """React to the frontend's state (called on every watch event)."""
+        peer = parse_state(await self.store.read_or_none(f"{self.fe}/state"))
+        self.status.peer_state = peer
+        action, goto = step(BACKEND_TABLE, self.status.state, peer)
+        if action is Action.NONE and goto == self.status.state:
+            return
+        log.info("%s: frontend %s, backend %s -> %s (%s)", self, peer.name,
+                 self.status.state.name, goto.name, action.value)
+        try:
+            if action is Action.CONNECT:
+                keys = {k: await self.store.read_or_none(f"{self.fe}/{k}")
+                        for k in self.frontend_keys}
+                info = await self.driver.connect(keys)
+                for key, value in info.items():
+                    await self.store.write(f"{self.be}/{key}", value)
+            elif action in (Action.DISCONNECT, Action.REINIT):
+                await self.driver.disconnect()
+                if action is Action.REINIT:
+                    for key, value in self.driver.features().items():
+                        await self.store.write(f"{self.be}/{key}", value)
+        except (DeviceError, XenstoreError) as exc:
+            self.status.last_error = str(exc)
+            peer_log.warning(f"connect:{self}", "%s: cannot connect: %s", self, exc)
+            await self.driver.disconnect()
+            await self._set_state(S.Closing)
+            return
+        await self._set_state(goto)
+
+    async def shutdown(self) -> None:
+        """Graceful close by the daemon: Closing, disconnect, Closed."""
+        if self.status.state != S.Closed:
+            await self._set_state(S.Closing)
+        await self.driver.disconnect()
+        await self._set_state(S.Closed)
+
+
+# ----------------------------------------------------------------- frontend
+
+
+class FrontendDriver(Protocol):
+    """What a frontend device type implements (blkfront, netfront, console)."""
+
+    type: str
+
+    async def publish(self, xs, path: str) -> None:
+        """Allocate rings, grant them, publish ``ring-ref``/``event-channel``...
+        under ``path`` (the frontend's device directory)."""
+
+    async def attach(self, backend: dict[str, bytes | None]) -> None:
+        """Read the backend's info/features and start I/O."""
+
+    async def detach(self) -> None:
+        """Stop I/O; revoke grants (idempotent)."""
+
+
+StateCallback = Callable[[S, S], Awaitable[None]]
+
+
+class FrontendDevice:
+    """Runs one frontend device against a store client (inside the guest process)."""
+
+    def __init__(self, xs, driver: FrontendDriver, domid: int, devid: int,
+                 backend_keys: tuple[str, ...] = ()) -> None:
+        self.xs = xs
+        self.driver = driver
+        self.domid = domid
+        self.devid = devid
+        self.backend_keys = backend_keys
+        self.fe = frontend_path(driver.type, domid, devid)
+        self.be: str | None = None
+        self.status = DeviceStatus()
+        self.connected = trio.Event()
+        self.closed = trio.Event()
+
+    async def _set_state(self, state: S) -> None:
+        self.status.history.append((self.status.state.name, state.name))
+        self.status.state = state
+        self.status.transitions += 1
+        await self.xs.write(f"{self.fe}/state", str(int(state)))
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the handshake until the backend closes (or we are cancelled)."""
+        raw = await self.xs.read_or_none(f"{self.fe}/backend")
+        if raw is None:
+            raise DeviceError(f"{self.fe}: no backend node (device not offered?)")
+        self.be = raw.decode()
+        await self._set_state(S.Initialising)
+        async with self.xs.watch(f"{self.be}/state") as events:
+            task_status.started()
+            async for _ in events:
+                await self.backend_changed()
+                if self.status.state == S.Closed:
+                    break
+        self.closed.set()
+
+    async def backend_changed(self) -> None:
+        peer = parse_state(await self.xs.read_or_none(f"{self.be}/state"))
+        self.status.peer_state = peer
+        action, goto = step(FRONTEND_TABLE, self.status.state, peer)
+        if action is Action.NONE and goto == self.status.state:
+            return
+        log.info("%s/%d: backend %s, frontend %s -> %s (%s)", self.driver.type, self.devid,
+                 peer.name, self.status.state.name, goto.name, action.value)
+        try:
+            if action in (Action.PUBLISH, Action.PUBLISH_ATTACH):
+                await self.driver.publish(self.xs, self.fe)
+            if action in (Action.ATTACH, Action.PUBLISH_ATTACH):
+                keys = {k: await self.xs.read_or_none(f"{self.be}/{k}") for k in self.backend_keys}
+                await self.driver.attach(keys)
+            if action is Action.DISCONNECT:
+                await self.driver.detach()
+                self.connected = trio.Event()
+        except (DeviceError, XenstoreError) as exc:
+            self.status.last_error = str(exc)
+            log.warning("%s/%d: %s", self.driver.type, self.devid, exc)
+            await self.driver.detach()
+            await self._set_state(S.Closed)
+            return
+        await self._set_state(goto)
+        if goto == S.Connected:
+            self.connected.set()
+        if goto == S.Initialising and peer == S.InitWait:
+            # The backend restarted: publish afresh straight away.
+            await self.backend_changed()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Orderly close: Closing; the backend unmaps and closes; then we revoke
+        and go Closed. If the backend does not answer within ``timeout``, the
+        pages it may still map are quarantined by ``detach``."""
+        if self.status.state == S.Closed:
+            return
+        await self._set_state(S.Closing)
+        with trio.move_on_after(timeout):
+            await self.closed.wait()
+        if self.status.state != S.Closed:
+            log.warning("%s/%d: backend did not close within %.0f s", self.driver.type,
+                        self.devid, timeout)
+            await self.driver.detach()
+            await self._set_state(S.Closed)
+            self.closed.set()
