@@ -63,6 +63,20 @@ def sizeof(con) -> int:
     return con.sizeof()
 
 
+def alignof(con) -> int:
+    """C alignment of a layout: that of its most aligned integer field."""
+    con = _unwrap(con)
+    if isinstance(con, c.FormatField):
+        return struct.calcsize(con.fmtstr)
+    if _is_union(con):
+        return max(alignof(m) for m in _unwrap(con.subcon).subcons)
+    if isinstance(con, c.Struct):
+        return max((alignof(sc) for sc in con.subcons), default=1)
+    if isinstance(con, c.Array):
+        return alignof(con.subcon)
+    return 1  # bytes and padding
+
+
 def _struct_name(con) -> str | None:
     for name, layout in layouts.LAYOUTS.items():
         if layout is con:

@@ -11,7 +11,7 @@ check of Linux hvc_xen and xenconsoled) breaks the ring for good.
 from __future__ import annotations
 
 from pvio import _cgen, layouts
-from pvio.ring._lib import ffi, lib
+from pvio.ring._lib import ffi, lib, pin_buffer
 from pvio.ring.errors import LocalProtocolError, RingBrokenError
 
 
@@ -26,15 +26,14 @@ class ByteRing:
         if size <= 0 or size & (size - 1):
             raise LocalProtocolError(f"byte ring size {size} is not a power of two")
         self.name, self.size, self.writer = name, size, writer
-        self._keep = (data, indices)
-        dbase = ffi.from_buffer("uint8_t[]", data, require_writable=True)
-        ibase = ffi.from_buffer("uint8_t[]", indices, require_writable=True)
-        if data_offset < 0 or data_offset + size > len(dbase):
+        dbase, dlen, dkeep = pin_buffer(data)
+        ibase, ilen, ikeep = pin_buffer(indices)
+        self._keep = (dkeep, ikeep)
+        if data_offset < 0 or data_offset + size > dlen:
             raise LocalProtocolError(f"{name}: data area outside the shared buffer")
         for off in (prod_offset, cons_offset):
-            if off < 0 or off + 4 > len(ibase) or off % 4:
+            if off < 0 or off + 4 > ilen or off % 4:
                 raise LocalProtocolError(f"{name}: index offset {off} outside the shared area")
-        self._bases = (dbase, ibase)
         self._b = ffi.new("pvio_bytering *")
         lib.pvio_bytering_attach(
             self._b,

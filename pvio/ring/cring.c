@@ -37,6 +37,7 @@
 #define GNTST_okay 0
 #define GNTST_general_error (-1)
 #define GNTST_bad_gntref (-3)
+#define GNTST_bad_page (-9)
 #define GNTST_bad_copy_arg (-10)
 #define PVIO_PAGE 4096u
 
@@ -505,9 +506,9 @@ int32_t pvio_gnt_pin(uint8_t *table, uint32_t nr, uint32_t ref, uint16_t domid,
         wr_pins[ref]++;
     PVIO_RMB();
     frame = RD32(gnt_entry(table, ref)->frame);
-    if (frame >= nr_frames) {
+    if (frame >= nr_frames) {  /* Xen's get_paged_frame: not a page of the granter */
         pvio_gnt_unpin(table, ref, writable, rd_pins, wr_pins);
-        return GNTST_general_error;
+        return GNTST_bad_page;
     }
     *frame_out = frame;
     return GNTST_okay;

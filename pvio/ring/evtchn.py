@@ -249,8 +249,8 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
         return True
     if not channel.wait_blocking(timeout):
         return False
-    if poll is not None:
-        poll.woke_with_work()
+    if poll is not None and _final_check(end):
+        poll.woke_with_work()  # only a wake that found work re-enables spinning
     return True
 
 
@@ -262,7 +262,7 @@ async def wait_for_work(end, channel: EventChannel, poll: BusyPoll | None = None
     if _final_check(end):
         return
     await channel.wait()
-    if poll is not None:
+    if poll is not None and _final_check(end):
         poll.woke_with_work()
 
 

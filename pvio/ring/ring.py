@@ -35,7 +35,7 @@ import construct
 
 from pvio import _cgen, layouts
 from pvio.layouts import SRING_HEADER_SIZE, XEN_PAGE_SIZE
-from pvio.ring._lib import ffi, lib
+from pvio.ring._lib import ffi, lib, pin_buffer
 from pvio.ring.errors import LocalProtocolError, RingBrokenError
 
 U32 = 0xFFFFFFFF
@@ -68,8 +68,10 @@ class RingSpec:
 
     @property
     def slot_size(self) -> int:
-        """``sizeof(union X_sring_entry)``: the larger of request and response."""
-        return max(self.req_size, self.rsp_size)
+        """``sizeof(union X_sring_entry)``: the larger of request and response,
+        rounded up to the union's alignment (as a C compiler lays it out)."""
+        align = max(_cgen.alignof(self.request), _cgen.alignof(self.response))
+        return -(-max(self.req_size, self.rsp_size) // align) * align
 
     def nr_ents(self, pages: int = 1) -> int:
         """``__CONST_RING_SIZE`` for a ring of ``pages`` 4 KiB pages."""
@@ -83,7 +85,11 @@ NETIF_RX = RingSpec("netif_rx", layouts.netif_rx_request, layouts.netif_rx_respo
 
 def shared_ring_init(buf) -> None:
     """``SHARED_RING_INIT``: prods 0, events 1, private and pad bytes zeroed."""
-    lib.pvio_shared_ring_init(ffi.from_buffer("uint8_t[]", buf, require_writable=True))
+    ptr, size, keep = pin_buffer(buf)
+    if size < SRING_HEADER_SIZE:
+        raise LocalProtocolError(f"{size} bytes cannot hold a shared ring header")
+    lib.pvio_shared_ring_init(ptr)
+    ffi.release(keep)
 
 
 def need_notify(old: int, new: int, event: int) -> bool:
@@ -114,9 +120,7 @@ class _RingEnd:
 
     def __init__(self, spec: RingSpec, buf, start: int) -> None:
         self.spec = spec
-        self._keep = buf
-        self._buf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
-        size = len(self._buf)
+        self._buf, size, self._keep = pin_buffer(buf)
         if size < SRING_HEADER_SIZE + spec.slot_size:
             raise LocalProtocolError(f"{size} bytes cannot hold a {spec.name} ring")
         self._r = ffi.new("pvio_ring *")

@@ -78,7 +78,10 @@ class SharedMemory:
                 raise SharedMemoryError(
                     f"{name}: memfd is {size} bytes, need a page multiple >= {min_size}"
                 )
-            return cls(fd, size, name=name)
+            try:
+                return cls(fd, size, name=name)
+            except OSError as exc:  # read-only fd, F_SEAL_WRITE / F_SEAL_FUTURE_WRITE
+                raise SharedMemoryError(f"{name}: cannot map memfd read-write: {exc}") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -97,12 +100,20 @@ class SharedMemory:
         return self.buf[frame * PAGE_SIZE : (frame + count) * PAGE_SIZE]
 
     def close(self) -> None:
-        """Unmap and close. Views handed out must have been released first."""
+        """Unmap and close. Views and rings over this memory must be gone first
+        (otherwise :class:`LocalProtocolError`, and the mapping stays intact)."""
         if self._fd < 0:
             return
         ffi.release(self.ptr)
         self.buf.release()
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError as exc:
+            self.buf = memoryview(self._mmap)
+            self.ptr = ffi.from_buffer("uint8_t[]", self._mmap)
+            raise LocalProtocolError(
+                f"{self!r}: still in use by views or rings; release them before closing"
+            ) from exc
         os.close(self._fd)
         self._fd = -1
 
@@ -127,6 +138,7 @@ class PagePool:
 
     def __init__(self, shm: SharedMemory, first_frame: int = 0) -> None:
         self.shm = shm
+        self.first_frame = first_frame
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(first_frame, shm.pages - first_frame)]
         self.quarantined = 0
@@ -154,9 +166,18 @@ class PagePool:
         view[:] = bytes(len(view))
         return start
 
+    def _check_range(self, frame: int, count: int) -> None:
+        """Refuse ranges outside the pool or overlapping free pages (double free)."""
+        if count < 1 or frame < self.first_frame or frame + count > self.shm.pages:
+            raise LocalProtocolError(f"frames {frame}+{count} are not pool pages")
+        for start, n in self._free:
+            if frame < start + n and start < frame + count:
+                raise LocalProtocolError(f"frames {frame}+{count} are already free")
+
     def free(self, frame: int, count: int = 1) -> None:
         """Return pages to the pool (their grants must have been revoked)."""
         with self._lock:
+            self._check_range(frame, count)
             self._free.append((frame, count))
             self._free.sort()
             merged: list[tuple[int, int]] = []
@@ -170,4 +191,5 @@ class PagePool:
     def quarantine(self, frame: int, count: int = 1) -> None:
         """Retire pages a peer still has mapped: they are never reused."""
         with self._lock:
+            self._check_range(frame, count)
             self.quarantined += count

@@ -1,0 +1,449 @@
+"""Event channels on eventfd (event_channel.h semantics) and the waiting helpers."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import trio
+
+from pvio.layouts import EvtchnStatus
+from pvio.ring import (
+    BLKIF,
+    PAGE_SIZE,
+    BackRing,
+    BusyPoll,
+    EventChannelTable,
+    FrontRing,
+    SharedMemory,
+    shared_ring_init,
+    wait_for_work,
+    wait_for_work_blocking,
+)
+
+U32 = 0xFFFFFFFF
+REQ, RSP = BLKIF.req_size, BLKIF.rsp_size
+
+
+class Pair:
+    """dom0 allocates an unbound port for dom1; dom1 binds to it.
+
+    In real life the two fds cross a unix socket (SCM_RIGHTS), which gives the
+    binder its own fds; here they are dup'ed for the same effect, so each
+    table can close its own.
+    """
+
+    def __init__(self) -> None:
+        self.dom0 = EventChannelTable(domid=0)
+        self.dom1 = EventChannelTable(domid=1)
+        self.unbound = self.dom0.alloc_unbound(remote_domid=1)
+        self.a = self.unbound.channel
+
+    def bind(self):
+        fds = tuple(os.dup(fd) for fd in self.unbound.peer_fds())
+        self.b = self.dom1.bind_interdomain(0, self.unbound.port, fds)
+        return self.b
+
+    def close(self) -> None:
+        self.dom0.close_all()
+        self.dom1.close_all()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def bound(pair):
+    """A bound pair with the bind-time pending event already consumed."""
+    assert pair.bind().consume()
+    return pair
+
+
+# ------------------------------------------------------------------ connection
+
+
+def test_bind_interdomain_leaves_the_new_port_pending(pair):
+    b = pair.bind()  # nothing was ever sent
+    assert b.remote_port == pair.unbound.port and b.remote_domid == 0
+    assert pair.dom1.status(b.port) == EvtchnStatus.interdomain
+    assert b.consume() is True
+    assert b.consume() is False
+    assert pair.a.consume() is False  # only the binder's port is made pending
+
+
+def test_bind_interdomain_pending_wakes_a_blocking_waiter(pair):
+    b = pair.bind()
+    t0 = time.monotonic()
+    assert b.wait_blocking(timeout=5) is True
+    assert time.monotonic() - t0 < 1
+
+
+def test_sends_before_bind_are_kept_and_coalesce_with_the_bind(pair):
+    for _ in range(3):
+        pair.a.notify()
+    b = pair.bind()
+    assert b.consume() is True
+    assert b.consume() is False
+    assert pair.a.sent == 3
+
+
+def test_close_frees_the_port(pair):
+    b = pair.bind()
+    port = b.port
+    pair.dom1.close(port)
+    assert pair.dom1.status(port) == EvtchnStatus.closed
+    with pytest.raises(OSError):
+        os.fstat(b.local_fd)
+    # The port number is free again.
+    again = pair.dom1.bind_interdomain(0, 7, (os.eventfd(0), os.eventfd(0)))
+    assert again.port == port
+
+
+# ------------------------------------------------------------------ coalescing
+
+
+@pytest.mark.parametrize("sends", [1, 2, 100, 10_000])
+def test_repeated_sends_coalesce_into_one_wake(bound, sends):
+    a, b = bound.a, bound.b
+    for _ in range(sends):
+        a.notify()
+    assert b.wait_blocking(timeout=1) is True
+    assert b.consume() is False
+    assert b.wait_blocking(timeout=0.02) is False
+    assert b.received == 2  # the bind's pending event and this one
+    assert a.sent == sends
+
+
+def test_events_go_both_ways_independently(bound):
+    a, b = bound.a, bound.b
+    a.notify()
+    assert a.consume() is False  # our own send does not raise our port
+    b.notify()
+    b.notify()
+    assert a.consume() is True and a.consume() is False
+    assert b.consume() is True and b.consume() is False
+
+
+# -------------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.001, 0.05, 0.2])
+def test_wait_blocking_timeout_returns_false(bound, timeout):
+    t0 = time.monotonic()
+    assert bound.b.wait_blocking(timeout=timeout) is False
+    elapsed = time.monotonic() - t0
+    assert timeout * 0.9 <= elapsed < timeout + 1.0
+
+
+def test_wait_blocking_zero_timeout_still_sees_a_pending_event(bound):
+    bound.a.notify()
+    assert bound.b.wait_blocking(timeout=0) is True
+
+
+def test_wait_blocking_wakes_on_a_notify_from_a_thread(bound):
+    timer = threading.Timer(0.05, bound.a.notify)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        assert bound.b.wait_blocking(timeout=5) is True
+    finally:
+        timer.join(5)
+    assert 0.04 <= time.monotonic() - t0 < 4
+
+
+# ------------------------------------------------------------------------ trio
+
+
+async def test_trio_wait_wakes_on_notify_from_a_thread(bound):
+    def later() -> None:
+        time.sleep(0.05)
+        bound.a.notify()
+
+    t = threading.Thread(target=later)
+    t0 = trio.current_time()
+    t.start()
+    try:
+        with trio.fail_after(5):
+            await bound.b.wait()
+    finally:
+        t.join(5)
+    assert trio.current_time() - t0 >= 0.04
+    assert bound.b.consume() is False
+
+
+async def test_trio_wait_wakes_on_notify_from_another_process(bound):
+    # The child is the peer domain: it holds the fd that raises our port.
+    fd = bound.unbound.peer_local_fd
+    code = "import os, sys, time; time.sleep(0.1); os.eventfd_write(int(sys.argv[1]), 1)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,))
+    try:
+        t0 = trio.current_time()
+        with trio.fail_after(10):
+            await bound.b.wait()
+        assert trio.current_time() - t0 >= 0.05
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+        proc.wait(timeout=10)
+
+
+async def test_trio_wait_is_cancellable_and_loses_nothing(bound):
+    with trio.move_on_after(0.05) as scope:
+        await bound.b.wait()
+    assert scope.cancelled_caught
+    bound.a.notify()
+    with trio.fail_after(5):
+        await bound.b.wait()
+
+
+async def test_trio_wait_lets_other_tasks_run(bound):
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.005)
+
+    timer = threading.Timer(0.1, bound.a.notify)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        timer.start()
+        try:
+            with trio.fail_after(5):
+                await bound.b.wait()
+        finally:
+            nursery.cancel_scope.cancel()
+    timer.join(5)
+    assert ticks >= 5
+
+
+# -------------------------------------------------------------------- BusyPoll
+
+
+class CountingEnd:
+    """Wraps a real ring end and counts the spin windows actually run."""
+
+    def __init__(self, end) -> None:
+        self.end = end
+        self.spins = 0
+
+    def spin(self, ns: int) -> bool:
+        self.spins += 1
+        return self.end.spin(ns)
+
+
+@pytest.fixture
+def ring_pair():
+    """[front, back, page] on one fresh page; emptied before the page is unmapped."""
+    shm = SharedMemory.create(PAGE_SIZE)
+    buf = shm.page(0)
+    ends = [FrontRing.init(BLKIF, buf), BackRing.attach(BLKIF, buf), buf]
+    yield ends
+    ends.clear()
+    buf.release()
+    shm.close()
+
+
+def test_busypoll_goes_idle_after_empty_windows_and_back_on_work(ring_pair):
+    front, back, _ = ring_pair
+    end = CountingEnd(back)
+    poll = BusyPoll(window_us=20, idle_windows=3)
+    assert poll.active
+    for i in range(3):
+        assert poll.spin(end) is False
+        assert end.spins == i + 1
+    assert not poll.active
+    assert poll.misses == 3 and poll.hits == 0
+    # Inactive: no spinning at all, even with work waiting.
+    front.produce(bytes(REQ))
+    for _ in range(5):
+        assert poll.spin(end) is False
+    assert end.spins == 3
+    poll.woke_with_work()
+    assert poll.active
+    assert poll.spin(end) is True  # the request published above
+    assert poll.hits == 1 and end.spins == 4
+
+
+def test_busypoll_hit_resets_the_miss_count(ring_pair):
+    front, back, _ = ring_pair
+    end = CountingEnd(back)
+    poll = BusyPoll(window_us=10, idle_windows=3)
+    assert not poll.spin(end) and not poll.spin(end)
+    front.produce(bytes(REQ))
+    assert poll.spin(end)
+    back.take_requests()
+    assert not poll.spin(end) and not poll.spin(end)
+    assert poll.active  # 2 misses since the hit, not 4
+    assert not poll.spin(end)
+    assert not poll.active
+
+
+def test_busypoll_window_zero_never_spins(ring_pair):
+    _, back, _ = ring_pair
+    end = CountingEnd(back)
+    poll = BusyPoll(window_us=0)
+    assert not poll.active
+    assert poll.spin(end) is False
+    poll.woke_with_work()
+    assert poll.spin(end) is False and end.spins == 0
+
+
+def test_busypoll_catches_work_published_during_the_window(ring_pair, pair):
+    front, back, _ = ring_pair
+    chan = pair.bind()
+    chan.consume()
+    poll = BusyPoll(window_us=1_000_000, idle_windows=3)
+    timer = threading.Timer(0.01, lambda: front.produce(bytes(REQ)))
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert wait_for_work_blocking(back, chan, poll, timeout=5) is True
+        assert time.monotonic() - t0 < 0.9
+    finally:
+        timer.join(5)
+    assert poll.hits == 1
+    assert chan.received == 1  # woke by spinning, not by sleeping on the channel
+
+
+def test_wait_for_work_blocking_timeout_and_final_check(ring_pair, bound):
+    front, back, page = ring_pair
+    chan = bound.b
+    assert wait_for_work_blocking(back, chan, None, timeout=0.02) is False
+    # final_check armed req_event = req_cons + 1: the next push must notify.
+    assert struct.unpack_from("<I", page, 4)[0] == back.req_cons + 1
+    n, notify = front.produce(bytes(REQ))
+    assert n == 1 and notify
+    # Work already there: returns at once without touching the channel.
+    assert wait_for_work_blocking(back, chan, None, timeout=0) is True
+    assert chan.consume() is False
+
+
+async def test_wait_for_work_trio(ring_pair, bound):
+    front, back, _ = ring_pair
+
+    def produce() -> None:
+        time.sleep(0.05)
+        _, notify = front.produce(bytes(REQ))
+        if notify:
+            bound.a.notify()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    try:
+        with trio.fail_after(5):
+            await wait_for_work(back, bound.b, BusyPoll(window_us=10, idle_windows=2))
+    finally:
+        t.join(5)
+    assert back.take_requests().nbytes == REQ
+
+
+# ------------------------------------------------------------- lost wake-ups
+
+
+@pytest.mark.parametrize("poll_kind", ["sleep", "busypoll"])
+def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
+    """2 threads, 20,000 round trips, one request in flight, over a real ring.
+
+    Each side publishes, notifies only if the ring says so, and sleeps through
+    wait_for_work_blocking. A lost wake-up leaves both asleep: each wait has a
+    5 s timeout, so that fails the test instead of hanging it. The indices
+    start below 2**32 so the run also crosses the wrap.
+    """
+    rounds = 20_000
+    start = 2**32 - rounds // 2
+    shm = SharedMemory.create(PAGE_SIZE)
+    buf = shm.page(0)
+    shared_ring_init(buf)
+    struct.pack_into("<IIII", buf, 0, start & U32, (start + 1) & U32, start & U32,
+                     (start + 1) & U32)
+    front = FrontRing.attach(BLKIF, buf, start)
+    back = BackRing.attach(BLKIF, buf, start)
+    chan_f, chan_b = pair.a, pair.bind()
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def make_poll():
+        return BusyPoll(window_us=5, idle_windows=4) if poll_kind == "busypoll" else None
+
+    def frontend() -> None:
+        poll = make_poll()
+        for i in range(rounds):
+            n, notify = front.produce(struct.pack("<BBH4xQ", 0, 1, 0, i).ljust(REQ, b"\0"))
+            assert n == 1
+            if notify:
+                chan_f.notify()
+            while True:
+                rsp = front.take_responses()
+                if rsp.nbytes:
+                    (rid,) = struct.unpack_from("<Q", rsp)
+                    if rsp.nbytes != RSP or rid != i:
+                        failures.append(f"round {i}: got {rsp.nbytes} bytes, id {rid}")
+                        stop.set()
+                        return
+                    break
+                if stop.is_set():
+                    return
+                if not wait_for_work_blocking(front, chan_f, poll, timeout=5):
+                    failures.append(f"frontend stalled in round {i} (lost wake-up)")
+                    stop.set()
+                    return
+
+    def backend() -> None:
+        poll = make_poll()
+        served = 0
+        while served < rounds and not stop.is_set():
+            reqs = back.take_requests()
+            if not reqs.nbytes:
+                if not wait_for_work_blocking(back, chan_b, poll, timeout=5):
+                    failures.append(f"backend stalled after {served} requests (lost wake-up)")
+                    stop.set()
+                    return
+                continue
+            k = reqs.nbytes // REQ
+            ids = [struct.unpack_from("<Q", reqs, j * REQ + 8)[0] for j in range(k)]
+            if ids != list(range(served, served + k)):
+                failures.append(f"backend got ids {ids} after {served}")
+                stop.set()
+                return
+            _, notify = back.produce(b"".join(struct.pack("<QBxh4x", r, 0, 0) for r in ids))
+            if notify:
+                chan_b.notify()
+            served += k
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=frontend), threading.Thread(target=backend)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        alive = [t for t in threads if t.is_alive()]
+        assert not alive, "ping-pong threads did not finish"
+    finally:
+        stop.set()
+        chan_f.notify()
+        pair.b.notify()
+        for t in threads:
+            t.join(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert not failures, failures
+    assert front.rsp_cons == back.rsp_prod_pvt == (start + rounds) & U32
+    if poll_kind == "sleep":
+        # Without spinning every round trip went through the event channels.
+        assert chan_f.received >= rounds // 2 and chan_b.received >= rounds // 2
+    print(f"\nping-pong ({poll_kind}): {rounds / elapsed:,.0f} round trips/s")
+    front = back = None  # the ring ends must go before the page is unmapped
+    buf.release()
+    shm.close()
