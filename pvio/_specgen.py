@@ -1,4 +1,7 @@
-"""Generate ``specs/layouts.md`` from the construct layouts (``python -m pvio._specgen``).
+"""Generate spec tables from the code (``python -m pvio._specgen``).
+
+``specs/layouts.md`` comes from the construct layouts; the state diagrams in
+``specs/xenbus.md`` from the XenbusState tables.
 
 The tables are derived, never hand-written: a test regenerates them and fails
 if the committed file differs, so the spec cannot drift from the code.
@@ -84,10 +87,41 @@ def render() -> str:
     return "\n".join(sections)
 
 
+BEGIN = "<!-- BEGIN GENERATED: state diagrams -->"
+END = "<!-- END GENERATED: state diagrams -->"
+
+
+def render_state_diagrams() -> str:
+    """The XenbusState tables of pvio.xenbus.state as mermaid diagrams."""
+    from pvio.xenbus import state
+
+    parts = []
+    for title, table in (("Backend", state.BACKEND_TABLE), ("Frontend", state.FRONTEND_TABLE)):
+        rows = "\n".join(
+            f"| {row.peer.name} | {', '.join(s.name for s in sorted(row.ours, key=int))} "
+            f"| {row.action.value} | {row.goto.name if row.goto is not None else '(stay)'} |"
+            for row in table
+        )
+        parts.append(
+            f"### {title} side\n\n| peer state | our state | action | next |\n"
+            f"|---|---|---|---|\n{rows}\n\n```mermaid\n"
+            f"{state.render_mermaid(table, title + ' side')}\n```\n"
+        )
+    return "\n".join(parts)
+
+
+def splice(text: str, generated: str) -> str:
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{generated}{END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    out = pathlib.Path(argv[0] if argv else "specs/layouts.md")
-    out.write_text(render())
-    print(f"wrote {out}")
+    specs = pathlib.Path(argv[0] if argv else "specs")
+    (specs / "layouts.md").write_text(render())
+    xenbus = specs / "xenbus.md"
+    xenbus.write_text(splice(xenbus.read_text(), render_state_diagrams()))
+    print(f"wrote {specs}/layouts.md and the diagrams in {xenbus}")
     return 0
 
 

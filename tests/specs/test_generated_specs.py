@@ -19,3 +19,12 @@ def test_tables_name_every_layout_with_its_size():
         assert f"## `{name}`" in text
     assert "Size: **112** bytes" in text  # blkif_request, io/blkif.h
     assert "Size: **3088** bytes" in text  # xencons_interface, io/console.h
+
+
+def test_state_diagrams_in_xenbus_md_match_the_tables():
+    path = SPEC.parent / "xenbus.md"
+    text = path.read_text()
+    assert _specgen.splice(text, _specgen.render_state_diagrams()) == text, (
+        "specs/xenbus.md diagrams are stale: run `python -m pvio._specgen`"
+    )
+    assert "stateDiagram-v2" in text
