@@ -160,6 +160,7 @@ class Daemon:
         with attached.cancel:
             async with trio.open_nursery() as nursery:
                 for device, store in zip(attached.devices, attached.stores, strict=True):
+                    device.driver.nursery = nursery
                     nursery.start_soon(self._run_device, device, store)
 
     async def _run_device(self, device: BackendDevice, store: LocalStore) -> None:

@@ -25,7 +25,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(_STRUCTS + _HEADER)
 ffibuilder.set_source(
     "pvio.ring._cring",
-    "#include <stdint.h>\n" + _STRUCTS + _HEADER + (_HERE / "cring.c").read_text(),
+    "#define _GNU_SOURCE\n#include <stdint.h>\n"
+    + _STRUCTS
+    + _HEADER
+    + (_HERE / "cring.c").read_text(),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
 )
 

@@ -10,6 +10,7 @@
  * rmb between reading a producer index and reading the slots it covers. */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -589,3 +590,10 @@ int pvio_unmap(void *addr, uint32_t n)
     return munmap(addr, (size_t)n * PVIO_PAGE);
 }
 
+
+int pvio_punch_hole(int fd, int64_t offset, int64_t len)
+{
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len) < 0)
+        return -errno;
+    return 0;
+}

@@ -106,3 +106,6 @@ int pvio_gnt_copy(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
  * map. Returns NULL and sets errno on failure. */
 void *pvio_map_frames(int fd, const uint32_t *frames, uint32_t n, int writable);
 int pvio_unmap(void *addr, uint32_t n);
+
+/* Block helpers: fallocate(PUNCH_HOLE|KEEP_SIZE) for discard; -errno on failure. */
+int pvio_punch_hole(int fd, int64_t offset, int64_t len);

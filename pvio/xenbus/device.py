@@ -92,9 +92,17 @@ class BackendDevice:
         self.be = backend_path(driver.type, domid, devid)
         self.fe = frontend_path(driver.type, domid, devid)
         self.status = DeviceStatus()
+        driver.on_failure = self.fail
 
     def __repr__(self) -> str:
         return f"{self.driver.type}/{self.domid}/{self.devid}"
+
+    async def fail(self, reason: str) -> None:
+        """The peer broke the device's protocol: disconnect this one device."""
+        self.status.last_error = reason
+        await self.driver.disconnect()
+        if self.status.state not in (S.Closing, S.Closed):
+            await self._set_state(S.Closing)
 
     async def _set_state(self, state: S) -> None:
         self.status.history.append((self.status.state.name, state.name))

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pvio.ring import EventChannel, EventChannelTable, GrantError, GrantMapper, GrantMapping
+from pvio.ring import EventChannel, EventChannelTable, GrantError, GrantMapping
 from pvio.xenbus.device import DeviceError
+from pvio.xenbus.store import XenstoreError
 
 log = logging.getLogger("pvio.device")
 
@@ -86,6 +87,10 @@ class RingBackendDriver:
         self.type = self.layout.type
         self.conn: BackendConnection | None = None
         self._evtchn = EventChannelTable(DOM0)
+        # Set by the device framework: where services run, and how a service
+        # that found the peer broken asks for the device to be closed.
+        self.nursery = None
+        self.on_failure = None
 
     def features(self) -> dict[str, str]:
         feats = {}
@@ -93,15 +98,11 @@ class RingBackendDriver:
             feats["max-ring-page-order"] = str(self.layout.max_ring_page_order)
         return feats
 
-    def _mapper(self) -> GrantMapper:
-        try:
-            table, pool = self.domain.memory["gnttab"], self.domain.memory["pool"]
-        except KeyError as exc:
-            raise DeviceError(f"dom{self.domain.domid} has not handed over its {exc}") from exc
-        return GrantMapper(table, pool, DOM0)
-
     async def connect(self, frontend: dict[str, bytes | None]) -> dict[str, str]:
-        mapper = self._mapper()
+        try:
+            mapper = self.domain.mapper()
+        except XenstoreError as exc:
+            raise DeviceError(str(exc)) from exc
         mappings: list[GrantMapping] = []
         pages: list[int] = []
         try:

@@ -34,6 +34,7 @@ import trio
 
 from pvio._log import RateLimitedLogger
 from pvio.ring.errors import SharedMemoryError
+from pvio.ring.grant import GrantMapper
 from pvio.ring.shm import SharedMemory
 from pvio.xenbus import wire
 from pvio.xenbus.dispatch import dispatch
@@ -70,8 +71,27 @@ class Domain:
     evtchn_fds: dict[int, tuple[int, int]] = field(default_factory=dict)
     name: str = ""
     claimed: bool = False
+    _mapper: GrantMapper | None = None
+
+    def mapper(self) -> GrantMapper:
+        """The domain's grant mapper (one per domain, so pins are counted once).
+
+        Raises XenstoreError(ENOENT) until the pool and grant table arrived.
+        """
+        if self._mapper is None:
+            try:
+                table, pool = self.memory["gnttab"], self.memory["pool"]
+            except KeyError as exc:
+                raise XenstoreError(
+                    "ENOENT", f"dom{self.domid} has not handed over its {exc}"
+                ) from exc
+            self._mapper = GrantMapper(table, pool, DOM0)
+        return self._mapper
 
     def close(self) -> None:
+        if self._mapper is not None:
+            self._mapper.close()
+            self._mapper = None
         for shm in self.memory.values():
             shm.close()
         self.memory.clear()
@@ -123,8 +143,6 @@ class XenstoreServer:
         self.on_claim: ClaimHook | None = None
         self.on_domain_down: list[DomainHook] = []
         self._clients: set[_Client] = set()
-        self._local = Connection(DOM0, privileged=True, name="daemon")
-        self._nursery: trio.Nursery | None = None
         self.store.ensure("/local/domain/0/name", b"Domain-0")
         self.store.ensure("/local/domain/0/domid", b"0")
 
@@ -159,7 +177,6 @@ class XenstoreServer:
         log.info("store listening: admin %s, guest %s", admin_path, guest_path)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 nursery.start_soon(self._accept_loop, admin, True)
                 nursery.start_soon(self._accept_loop, guest, False)
                 task_status.started()
@@ -215,11 +232,6 @@ class XenstoreServer:
 
     # -------------------------------------------------- local (dom0) access
 
-    @property
-    def local(self) -> Connection:
-        """The daemon's own privileged store connection (for backends)."""
-        return self._local
-
     def apply(self, events: list[WatchEvent]) -> None:
         """Deliver watch events produced by a store operation."""
         for event in events:
@@ -231,10 +243,6 @@ class XenstoreServer:
                     target.send.send_nowait((event.path, event.token))
                 except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     log.warning("local watcher %s is not keeping up", target.name)
-
-    def local_watcher(self, name: str, buffer: int = 1024) -> LocalWatcher:
-        send, receive = trio.open_memory_channel(buffer)
-        return LocalWatcher(name, send, receive)
 
     def local_store(self, name: str) -> LocalStore:
         """Privileged in-process store access for a backend, with its own watches."""
