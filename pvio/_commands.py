@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 
@@ -72,6 +73,7 @@ def demo(args) -> int:
 async def _demo() -> int:
     from pvio import _status
     from pvio.daemon import Daemon
+    from pvio.frontends.blkfront import BLK_KEYS, BlkFront
     from pvio.frontends.session import open_session
     from pvio.xenbus.client import open_client
 
@@ -82,15 +84,19 @@ async def _demo() -> int:
         async with trio.open_nursery() as nursery:
             daemon = await nursery.start(Daemon(config).run)
             print(f"2. opening a frontend session on {config.socket} as domain 'guest'")
-            async with open_session(config.socket, "guest", pool_pages=256) as session:
+            async with open_session(config.socket, "guest", pool_pages=4096) as session:
                 offered = await session.devices()
                 print(f"   -> we are dom{session.domid}; the daemon offers: "
                       + ", ".join(f"{d.type}/{d.devid}" for d in offered))
                 print("3. attaching every device (XenbusState handshake on both sides)")
-                devices = []
+                devices, disk = [], None
                 for dev in offered:
-                    driver = session.driver_for(dev)
-                    devices.append(await session.attach(driver, dev.devid))
+                    if dev.type == "vbd":
+                        disk = BlkFront(session)
+                        devices.append(await session.attach(disk, dev.devid, BLK_KEYS))
+                    else:
+                        driver = session.driver_for(dev)
+                        devices.append(await session.attach(driver, dev.devid))
                 with trio.move_on_after(10) as timeout:
                     for device in devices:
                         await device.connected.wait()
@@ -99,6 +105,14 @@ async def _demo() -> int:
                 for device in devices:
                     hist = " -> ".join(h[1] for h in device.status.history)
                     print(f"   {device.driver.type}/{device.devid}: frontend {hist}")
+                if disk is not None and disk.ring is not None:
+                    data = os.urandom(1 << 20)
+                    await disk.write(4096, data)
+                    await disk.flush()
+                    same = await disk.read(4096, len(data)) == data
+                    print(f"   vbd: {disk.size >> 20} MiB disk; wrote 1 MiB at 4096, flushed, "
+                          f"read it back: {'identical' if same else 'MISMATCH'} "
+                          f"({disk.stats['requests']} requests, ring of {disk.ring.nr_ents})")
                 print("4. the store as `pvio status` sees it (admin socket):")
                 async with open_client(config.admin_socket) as xs:
                     domains, rows = await _status.collect(xs)

@@ -41,6 +41,9 @@ _REQ = struct.Struct("<BBH4xQQ")
 _DISCARD = struct.Struct("<BBH4xQQQ")
 _INDIRECT = struct.Struct("<BBH4xQQHH8I4x")
 MAX_INDIRECT_SEGMENTS = 32  # per request, when the backend allows at least this many
+#: The backend keys blkfront reads when it attaches.
+BLK_KEYS = ("sectors", "sector-size", "info", "feature-flush-cache", "feature-barrier",
+            "feature-discard", "feature-max-indirect-segments", "discard-granularity")
 
 
 class BlkDeviceError(OSError):

@@ -14,17 +14,20 @@ a background thread.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import trio
 
-from pvio.ring import EventChannelTable, GrantTable, PagePool, SharedMemory
+from pvio.ring import EventChannelTable, GrantTable, LocalProtocolError, PagePool, SharedMemory
 from pvio.ring.shm import PAGE_SIZE
 from pvio.xenbus.client import XsClient, open_client
 from pvio.xenbus.device import FrontendDevice, FrontendDriver
 from pvio.xenbus.ringdev import LAYOUTS, RingFrontendDriver
+
+log = logging.getLogger("pvio.session")
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,11 @@ async def open_session(socket_path: str, name: str = "guest", *, pool_pages: int
                     await session.aclose()
                 nursery.cancel_scope.cancel()
     finally:
-        gnttab.close()
-        pool.shm.close()
+        for shm in (gnttab.shm, pool.shm):
+            try:
+                shm.close()
+            except LocalProtocolError as exc:  # a device still holds it: leave it mapped
+                log.warning("%s", exc)
 
 
 class BlockingSession:

@@ -24,6 +24,7 @@ import trio
 
 from pvio._log import RateLimitedLogger
 from pvio.layouts import XenbusState as S
+from pvio.ring.errors import GrantError
 from pvio.xenbus.state import BACKEND_TABLE, FRONTEND_TABLE, Action, parse_state, step
 from pvio.xenbus.store import XenstoreError
 
@@ -230,7 +231,7 @@ class FrontendDevice:
             if action is Action.DISCONNECT:
                 await self.driver.detach()
                 self.connected = trio.Event()
-        except (DeviceError, XenstoreError) as exc:
+        except (DeviceError, XenstoreError, GrantError, MemoryError, OSError) as exc:
             self.status.last_error = str(exc)
             log.warning("%s/%d: %s", self.driver.type, self.devid, exc)
             await self.driver.detach()
