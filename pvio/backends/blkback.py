@@ -82,8 +82,10 @@ class BlkBackend(RingBackendDriver):
         self.stats = BlkStats()
         self.flush_failed = False  # sticky, as QEMU's page_cache_inconsistent
         self._fd = -1
-        self._service: trio.CancelScope | None = None
+        self._wait_scope: trio.CancelScope | None = None
+        self._draining = False
         self._stopped = trio.Event()
+        self._stopped.set()
 
     @property
     def size(self) -> int:
@@ -123,6 +125,7 @@ class BlkBackend(RingBackendDriver):
         flags = os.O_RDONLY if self.mode == "r" else os.O_RDWR
         self._fd = os.open(self.image, flags | os.O_CLOEXEC)
         self.flush_failed = False
+        self._draining = False
         self._stopped = trio.Event()
         await self.nursery.start(self._serve, ring, conn)
         info = VDISK_READONLY if self.mode == "r" else 0
@@ -132,10 +135,11 @@ class BlkBackend(RingBackendDriver):
                 "physical-sector-size": str(self.sector_size)}
 
     async def stop(self) -> None:
-        if self._service is not None:
-            self._service.cancel()
-            await self._stopped.wait()
-            self._service = None
+        """Drain: the batch in progress completes and is answered, then the service ends."""
+        self._draining = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+        await self._stopped.wait()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -149,30 +153,30 @@ class BlkBackend(RingBackendDriver):
         pool = self.domain.memory["pool"].buf
         out = bytearray()
         try:
-            with trio.CancelScope() as scope:
-                self._service = scope
-                task_status.started()
-                while True:
-                    try:
-                        batch = ring.take_requests()
-                    except RingBrokenError as exc:
-                        peer_log.warning(f"ring:{self.domain.domid}", "vbd of dom%d: %s; "
-                                         "disconnecting the device", self.domain.domid, exc)
-                        if self.on_failure is not None:
-                            self.nursery.start_soon(self.on_failure, str(exc))
-                        return
-                    n = len(batch) // blkif.REQ_SIZE
-                    if n == 0:
+            task_status.started()
+            while not self._draining:
+                try:
+                    batch = ring.take_requests()
+                except RingBrokenError as exc:
+                    peer_log.warning(f"ring:{self.domain.domid}", "vbd of dom%d: %s; "
+                                     "disconnecting the device", self.domain.domid, exc)
+                    if self.on_failure is not None:
+                        self.nursery.start_soon(self.on_failure, str(exc))
+                    return
+                n = len(batch) // blkif.REQ_SIZE
+                if n == 0:
+                    with trio.CancelScope() as self._wait_scope:
                         await wait_for_work(ring, conn.channel)
-                        continue
-                    reqs = [parse_request(batch[i * blkif.REQ_SIZE:(i + 1) * blkif.REQ_SIZE],
-                                          feats) for i in range(n)]
-                    results = await self._execute(reqs, mapper, pool, feats)
-                    _, notify = ring.produce(pack_responses(results, out))
-                    if notify:
-                        conn.channel.notify()
-                    self.stats.batches += 1
-                    self.stats.max_batch = max(self.stats.max_batch, n)
+                    self._wait_scope = None
+                    continue
+                reqs = [parse_request(batch[i * blkif.REQ_SIZE:(i + 1) * blkif.REQ_SIZE],
+                                      feats) for i in range(n)]
+                results = await self._execute(reqs, mapper, pool, feats)
+                _, notify = ring.produce(pack_responses(results, out))
+                if notify:
+                    conn.channel.notify()
+                self.stats.batches += 1
+                self.stats.max_batch = max(self.stats.max_batch, n)
         finally:
             self._stopped.set()
 

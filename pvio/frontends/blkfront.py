@@ -59,7 +59,7 @@ def _num(raw: bytes | None, default: int = 0) -> int:
 
 class _Slot:
     __slots__ = ("done", "frame", "id", "indirect_frame", "indirect_ref", "op", "refs",
-                 "status")
+                 "request", "seq", "status")
 
     def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int]) -> None:
         self.id = sid
@@ -69,6 +69,8 @@ class _Slot:
         self.done = trio.Event()
         self.op = -1
         self.status = 0
+        self.request = b""  # the shadow: resubmitted as-is after a reconnect
+        self.seq = 0
 
 
 class BlkFront(RingFrontendDriver):
@@ -89,12 +91,21 @@ class BlkFront(RingFrontendDriver):
         self._sem: trio.Semaphore | None = None
         self._data_pages = 0
         self._service: trio.CancelScope | None = None
-        self.stats = {"requests": 0, "bytes": 0, "notifications": 0}
+        self._online = trio.Event()
+        self._seq = 0
+        self.stats = {"requests": 0, "bytes": 0, "notifications": 0, "resubmitted": 0,
+                      "reconnects": 0}
 
     # ------------------------------------------------------------ handshake
 
     def setup(self) -> None:
         self.ring = FrontRing.init(BLKIF, self.area(0))
+        if self._slots:
+            # Reconnecting: keep the slots, their granted pages and the shadows
+            # of requests still in flight (blkfront's blkif_recover).
+            if len(self._slots) != self.ring.nr_ents:
+                raise BlkDeviceError("ring size changed across a reconnect")
+            return
         pages = MAX_INDIRECT_SEGMENTS
         self._data_pages = pages
         self._slots, self._free = [], []
@@ -121,9 +132,43 @@ class BlkFront(RingFrontendDriver):
             raise BlkDeviceError(self.error)
         self.error = None
         self._service = trio.CancelScope()
-        self.session._nursery.start_soon(self._responses)
+        self.session._nursery.start_soon(self._responses, self._service)
+        self._resubmit()
+        self._online.set()
+
+    def _resubmit(self) -> None:
+        """Put every request still in flight back on the (new) ring, in submission order."""
+        pending = sorted((s for s in self._slots if s.op >= 0 and not s.done.is_set()),
+                         key=lambda s: s.seq)
+        if not pending:
+            return
+        put, notify = self.ring.produce(b"".join(s.request for s in pending))
+        assert put == len(pending)
+        self.stats["resubmitted"] += len(pending)
+        log.info("vbd: resubmitted %d request(s) after reconnecting", len(pending))
+        if notify:
+            self.channel.notify()
+
+    async def connection_lost(self) -> None:
+        """The daemon is gone: stop the ring, keep the in-flight shadows."""
+        self._online = trio.Event()
+        if self._service is not None:
+            self._service.cancel()
+            self._service = None
+        self.ring = None
+        self.stats["reconnects"] += 1
+        self.release_transport()
+        self.session._nursery.start_soon(self._recovery_watchdog)
+
+    async def _recovery_watchdog(self) -> None:
+        with trio.move_on_after(self.session.recovery_timeout):
+            await self._online.wait()
+            return
+        self._fail_all(f"the backend did not come back within "
+                       f"{self.session.recovery_timeout:.0f} s")
 
     async def detach(self) -> None:
+        self._online = trio.Event()
         if self._service is not None:
             self._service.cancel()
             self._service = None
@@ -152,9 +197,9 @@ class BlkFront(RingFrontendDriver):
         if self.error is None and reason != "device detached":
             self.error = reason
 
-    async def _responses(self) -> None:
+    async def _responses(self, scope: trio.CancelScope) -> None:
         ring, channel = self.ring, self.channel
-        with self._service:
+        with scope:
             while True:
                 try:
                     batch = ring.take_responses()
@@ -185,7 +230,7 @@ class BlkFront(RingFrontendDriver):
     def _check(self) -> None:
         if self.error is not None:
             raise BlkDeviceError(f"vbd unusable: {self.error}")
-        if self.ring is None:
+        if self.ring is None and not self.session.reconnect:
             raise BlkDeviceError("vbd is not connected")
 
     async def _submit(self, build, complete=None) -> int:
@@ -193,13 +238,21 @@ class BlkFront(RingFrontendDriver):
         answer; on success ``complete(slot)`` runs before the slot is reused."""
         self._check()
         async with self._sem:
+            if not self._online.is_set():
+                with trio.move_on_after(self.session.recovery_timeout):
+                    await self._online.wait()
             self._check()
+            if self.ring is None:
+                raise BlkDeviceError("vbd is not connected")
             slot = self._free.pop()
             try:
-                request, slot.op = build(slot)
+                slot.request, op = build(slot)
+                self._seq += 1
+                slot.seq = self._seq
                 slot.done = trio.Event()
                 slot.status = 0
-                put, notify = self.ring.produce(request)
+                slot.op = op
+                put, notify = self.ring.produce(slot.request)
                 assert put == 1
                 if notify:
                     self.channel.notify()

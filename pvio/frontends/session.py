@@ -26,6 +26,7 @@ from pvio.ring.shm import PAGE_SIZE
 from pvio.xenbus.client import XsClient, open_client
 from pvio.xenbus.device import FrontendDevice, FrontendDriver
 from pvio.xenbus.ringdev import LAYOUTS, RingFrontendDriver
+from pvio.xenbus.store import XenstoreError
 
 log = logging.getLogger("pvio.session")
 
@@ -38,18 +39,86 @@ class OfferedDevice:
 
 
 class DomainSession:
-    """One domain: its store connection, guest memory, grants and event channels."""
+    """One domain: its store connection, guest memory, grants and event channels.
 
-    def __init__(self, xs: XsClient, domid: int, name: str, pool: PagePool,
-                 gnttab: GrantTable, nursery: trio.Nursery) -> None:
-        self.xs = xs
-        self.domid = domid
+    With ``reconnect=True`` the session survives the daemon: when the store
+    connection drops (the daemon died, even by kill -9), it reconnects with
+    backoff, hands the *same* pool and grant table over again, claims the same
+    name, and every attached device runs its handshake again (a blkfront then
+    resubmits what was not answered). ``xs`` and ``domid`` always name the
+    current connection.
+    """
+
+    def __init__(self, socket_path: str, name: str, pool: PagePool, gnttab: GrantTable,
+                 nursery: trio.Nursery, *, reconnect: bool = False,
+                 recovery_timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
         self.name = name
         self.pool = pool
         self.gnttab = gnttab
-        self.evtchn = EventChannelTable(domid)
+        self.reconnect = reconnect
+        self.recovery_timeout = recovery_timeout
+        self.xs: XsClient | None = None
+        self.domid = -1
+        self.generation = 0
+        self.evtchn = EventChannelTable(0)
         self._nursery = nursery
+        self._online = trio.Event()
+        self._closing = False
         self.attached: list[FrontendDevice] = []
+
+    async def _connect_once(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with open_client(self.socket_path) as xs:
+            await xs.share_memory("pool", self.pool.shm.fileno())
+            await xs.share_memory("gnttab", self.gnttab.shm.fileno())
+            self.domid = await xs.claim(self.name)
+            self.evtchn.domid = self.domid
+            self.xs = xs
+            self.generation += 1
+            self._online.set()
+            log.info("session %r: connected as dom%d (generation %d)", self.name, self.domid,
+                     self.generation)
+            task_status.started()
+            await xs.lost.wait()
+            self._online = trio.Event()
+            log.warning("session %r: lost the store connection", self.name)
+
+    async def _connection_loop(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self._connect_started(task_status)
+        delay = 0.02
+        while self.reconnect and not self._closing:
+            try:
+                await self._connect_once()
+                delay = 0.02
+            except (OSError, XenstoreError) as exc:
+                log.info("session %r: reconnect failed (%s); retrying in %.2f s", self.name,
+                         exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _connect_started(self, task_status) -> None:
+        # The first connection must succeed (errors go to open_session's caller);
+        # its lifetime then continues in the loop's task.
+        done = trio.Event()
+
+        async def first(*, task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await self._connect_once(task_status=task_status)
+            finally:
+                done.set()
+
+        await self._nursery.start(first)
+        task_status.started()
+        await done.wait()
+
+    async def wait_online(self, after_generation: int) -> tuple[XsClient, int]:
+        """Wait for a connection newer than ``after_generation`` (raises TooSlowError)."""
+        with trio.fail_after(self.recovery_timeout):
+            while self.generation <= after_generation or not self._online.is_set():
+                await self._online.wait()
+                if self.generation <= after_generation:
+                    await trio.sleep(0.01)
+        return self.xs, self.domid
 
     async def devices(self) -> list[OfferedDevice]:
         """The devices the daemon created for this domain (``device/<type>/<devid>``)."""
@@ -74,14 +143,15 @@ class DomainSession:
 
         Await ``device.connected.wait()`` for the Connected state.
         """
-        device = FrontendDevice(self.xs, driver, self.domid, devid, backend_keys)
+        device = FrontendDevice(self, driver, devid, backend_keys)
         await self._nursery.start(device.run)
         self.attached.append(device)
         return device
 
     async def aclose(self) -> None:
+        self._closing = True
         for device in self.attached:
-            if device.status.state.name not in ("Closed",):
+            if device.status.state.name != "Closed":
                 with contextlib.suppress(Exception):
                     await device.close()
 
@@ -89,22 +159,22 @@ class DomainSession:
 async def _dir_or_empty(xs: XsClient, path: str) -> list[str]:
     try:
         return await xs.directory(path)
-    except Exception:
+    except XenstoreError:
         return []
 
 
 @contextlib.asynccontextmanager
 async def open_session(socket_path: str, name: str = "guest", *, pool_pages: int = 4096,
-                       grant_entries: int = 4096) -> AsyncIterator[DomainSession]:
+                       grant_entries: int = 4096, reconnect: bool = False,
+                       recovery_timeout: float = 30.0) -> AsyncIterator[DomainSession]:
     """Connect to a daemon's guest socket as domain ``name`` (see module doc)."""
     pool = PagePool(SharedMemory.create(pool_pages * PAGE_SIZE, name=f"pvio-{name}-pool"))
     gnttab = GrantTable.create(grant_entries, name=f"pvio-{name}-gnttab")
     try:
-        async with open_client(socket_path) as xs, trio.open_nursery() as nursery:
-            await xs.share_memory("pool", pool.shm.fileno())
-            await xs.share_memory("gnttab", gnttab.shm.fileno())
-            domid = await xs.claim(name)
-            session = DomainSession(xs, domid, name, pool, gnttab, nursery)
+        async with trio.open_nursery() as nursery:
+            session = DomainSession(socket_path, name, pool, gnttab, nursery,
+                                    reconnect=reconnect, recovery_timeout=recovery_timeout)
+            await nursery.start(session._connection_loop)
             try:
                 yield session
             finally:

@@ -37,6 +37,8 @@ class XsClient:
         self._send_lock = trio.Lock()
         self._closed: BaseException | None = None
         self._tokens = itertools.count(1)
+        #: Set when the store connection is lost (not on an orderly close).
+        self.lost = trio.Event()
 
     # -------------------------------------------------------------- plumbing
 
@@ -52,6 +54,7 @@ class XsClient:
                     self._route(msg)
         except (OSError, wire.WireError) as exc:
             self._closed = exc
+            self.lost.set()
             for chan in list(self._pending.values()) + list(self._watches.values()):
                 chan.close()
             self._pending.clear()

@@ -15,6 +15,7 @@ Node layout (as libxl writes it)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -178,29 +179,68 @@ StateCallback = Callable[[S, S], Awaitable[None]]
 
 
 class FrontendDevice:
-    """Runs one frontend device against a store client (inside the guest process)."""
+    """Runs one frontend device against a domain session (inside the guest process).
 
-    def __init__(self, xs, driver: FrontendDriver, domid: int, devid: int,
+    If the session reconnects after losing the daemon, the device runs the
+    handshake again on the new connection; the driver's ``connection_lost``
+    hook (if any) is told first, so it can keep its in-flight requests.
+    """
+
+    def __init__(self, session, driver: FrontendDriver, devid: int,
                  backend_keys: tuple[str, ...] = ()) -> None:
-        self.xs = xs
+        self.session = session
         self.driver = driver
-        self.domid = domid
         self.devid = devid
         self.backend_keys = backend_keys
-        self.fe = frontend_path(driver.type, domid, devid)
         self.be: str | None = None
         self.status = DeviceStatus()
         self.connected = trio.Event()
         self.closed = trio.Event()
+        self.reconnections = 0
+
+    @property
+    def xs(self):
+        return self.session.xs
+
+    @property
+    def fe(self) -> str:
+        return frontend_path(self.driver.type, self.session.domid, self.devid)
 
     async def _set_state(self, state: S) -> None:
         self.status.history.append((self.status.state.name, state.name))
+        del self.status.history[:-32]
         self.status.state = state
         self.status.transitions += 1
         await self.xs.write(f"{self.fe}/state", str(int(state)))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Drive the handshake until the backend closes (or we are cancelled)."""
+        """Drive the handshake until the device is closed (or we are cancelled)."""
+        while True:
+            generation = self.session.generation
+            # OSError: the store connection died under us.
+            with contextlib.suppress(OSError, trio.BrokenResourceError):
+                await self._run_on_connection(task_status)
+            task_status = trio.TASK_STATUS_IGNORED
+            if self.status.state == S.Closed or not self.session.reconnect:
+                break
+            # Connection lost: keep what the driver needs to resume.
+            self.connected = trio.Event()
+            self.status.state = S.Unknown
+            lost = getattr(self.driver, "connection_lost", None)
+            if lost is not None:
+                await lost()
+            try:
+                await self.session.wait_online(generation)
+            except trio.TooSlowError:
+                log.error("%s/%d: the daemon did not come back within %.0f s",
+                          self.driver.type, self.devid, self.session.recovery_timeout)
+                await self.driver.detach()
+                self.status.state = S.Closed
+                break
+            self.reconnections += 1
+        self.closed.set()
+
+    async def _run_on_connection(self, task_status) -> None:
         raw = await self.xs.read_or_none(f"{self.fe}/backend")
         if raw is None:
             raise DeviceError(f"{self.fe}: no backend node (device not offered?)")
@@ -211,8 +251,9 @@ class FrontendDevice:
             async for _ in events:
                 await self.backend_changed()
                 if self.status.state == S.Closed:
-                    break
-        self.closed.set()
+                    return
+        if self.xs.lost.is_set():
+            raise ConnectionResetError("store connection lost")
 
     async def backend_changed(self) -> None:
         peer = parse_state(await self.xs.read_or_none(f"{self.be}/state"))

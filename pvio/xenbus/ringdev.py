@@ -167,7 +167,7 @@ class RingFrontendDriver:
         return self.session.pool.shm.page(frame, pages)
 
     async def publish(self, xs, path: str) -> None:
-        await self.detach()
+        self.release_transport()
         keys: dict[str, str] = {"protocol": "x86_64-abi"}
         for area in self.layout.areas:
             pages = 1 << self.ring_page_order if area.multi_page else 1
@@ -196,7 +196,12 @@ class RingFrontendDriver:
         self.backend = backend
 
     async def detach(self) -> None:
-        """Revoke grants and free pages; pages still mapped by the backend are quarantined."""
+        """Stop using the device: release the transport (device types add their own)."""
+        self.release_transport()
+
+    def release_transport(self) -> None:
+        """Revoke the areas' grants and free their pages (pages the backend still
+        maps are quarantined, XSA-396), close the event channel."""
         for frame, pages, refs in self.areas:
             if all([self.session.gnttab.end_access(r) for r in refs]):
                 self.session.pool.free(frame, pages)
