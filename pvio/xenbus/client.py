@@ -55,6 +55,9 @@ class XsClient:
         except (OSError, wire.WireError) as exc:
             self._closed = exc
             self.lost.set()
+        except trio.ClosedResourceError as exc:  # aclose() from inside the block
+            self._closed = exc
+        finally:
             for chan in list(self._pending.values()) + list(self._watches.values()):
                 chan.close()
             self._pending.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pvio.layouts import XENSTORE_PAYLOAD_MAX
 from pvio.layouts import XsdSockmsgType as XS
 from pvio.xenbus import wire
 from pvio.xenbus.store import Connection, Store, WatchEvent, XenstoreError
@@ -152,7 +153,10 @@ def dispatch(store: Store, conn: Connection, msg: Message) -> Result:
             if msg.type in TOOLSTACK_ONLY:
                 raise XenstoreError("EACCES", f"{msg.type_name} is done by the pvio daemon")
             raise XenstoreError("ENOSYS", f"unknown message {msg.type_name}")
-        return handler(store, conn, msg)
+        reply, events = handler(store, conn, msg)
+        if len(reply.payload) > XENSTORE_PAYLOAD_MAX:
+            raise XenstoreError("E2BIG", "reply would exceed XENSTORE_PAYLOAD_MAX")
+        return reply, events
     except XenstoreError as exc:
         return wire.error(msg, exc.name), []
     except ValueError:

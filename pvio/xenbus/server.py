@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 import trio
 
 from pvio._log import RateLimitedLogger
+from pvio.layouts import XENSTORE_PAYLOAD_MAX
 from pvio.ring.errors import SharedMemoryError
 from pvio.ring.grant import GrantMapper
 from pvio.ring.shm import SharedMemory
 from pvio.xenbus import wire
 from pvio.xenbus.dispatch import dispatch
 from pvio.xenbus.store import DOM0, Connection, Store, WatchEvent, XenstoreError
-from pvio.xenbus.wire import Message, MessageReader, WireError
+from pvio.xenbus.wire import Message, WireError
 
 log = logging.getLogger("pvio.store")
 peer_log = RateLimitedLogger(log)
@@ -118,7 +119,6 @@ class _Client:
         self.domain = domain
         self.send, self.outbox = trio.open_memory_channel[Message](OUTBOUND_QUEUE)
         self.cancel = trio.CancelScope()
-        self.reader = MessageReader()
         self.fds: list[int] = []
 
     def __repr__(self) -> str:
@@ -212,8 +212,8 @@ class XenstoreServer:
         self.domains[domid] = domain
         home = f"/local/domain/{domid}"
         self.apply(self.store.ensure(home, None, [f"n{domid}"]))
-        self.apply(self.store.ensure(f"{home}/domid", str(domid).encode(), [f"r{domid}"]))
-        self.apply(self.store.ensure(f"{home}/name", domain.name.encode(), [f"r{domid}"]))
+        self.apply(self.store.ensure(f"{home}/domid", str(domid).encode(), ["n0", f"r{domid}"]))
+        self.apply(self.store.ensure(f"{home}/name", domain.name.encode(), ["n0", f"r{domid}"]))
         self.apply(self.store.fire_special("@introduceDomain"))
         log.info("dom%d introduced (pid %d, uid %d)", domid, cred.pid, cred.uid)
         return domain
@@ -309,38 +309,50 @@ class XenstoreServer:
                 client.cancel.cancel()
                 return
 
+    async def _recv_exact(self, client: _Client, n: int) -> bytes | None:
+        """Read exactly ``n`` bytes (None at EOF), collecting fds that come with them.
+
+        Reading one message at a time (header, then payload) ties each
+        ``SCM_RIGHTS`` batch to the message whose first byte it came with, even
+        when a client pipelines several messages.
+        """
+        buf = bytearray()
+        while len(buf) < n:
+            data, ancdata, flags, _ = await client.sock.recvmsg(
+                n - len(buf), FD_CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+            client.fds.extend(_fds_from(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                raise WireError("sent more fds than any message carries")
+            if len(client.fds) > wire.MAX_FDS:
+                raise WireError("sent more fds than its message takes")
+            if not data:
+                return None
+            buf += data
+        return bytes(buf)
+
     async def _reader(self, client: _Client) -> None:
+        max_payload = XENSTORE_PAYLOAD_MAX
         while True:
             try:
-                data, ancdata, flags, _ = await client.sock.recvmsg(
-                    RECV_CHUNK, FD_CMSG_SPACE, socket.MSG_CMSG_CLOEXEC
-                )
+                header = await self._recv_exact(client, wire.HEADER.size)
+                if header is None:
+                    return
+                mtype, req_id, tx_id, length = wire.HEADER.unpack(header)
+                if length > max_payload:
+                    raise WireError(f"payload of {length} bytes exceeds {max_payload}")
+                payload = await self._recv_exact(client, length) if length else b""
+                if payload is None:
+                    return
             except OSError:
                 return
-            fds = _fds_from(ancdata)
-            client.fds.extend(fds)
-            if flags & socket.MSG_CTRUNC:
-                peer_log.warning(f"ctrunc:{client.conn.domid}",
-                                 "%s: sent more fds than any message carries; disconnecting",
-                                 client)
-                return
-            if not data:
-                return
-            client.reader.feed(data)
-            try:
-                for msg in client.reader:
-                    await self._handle(client, msg)
             except WireError as exc:
                 peer_log.warning(f"wire:{client.conn.domid}", "%s: %s; disconnecting",
                                  client, exc)
                 return
-            if client.fds and not client.reader.buffered:
-                # fds that arrived with no message to claim them
+            await self._handle(client, Message(mtype, req_id, tx_id, payload))
+            if client.fds:  # fds no message claimed
                 self._close_fds(client, len(client.fds))
-            if len(client.fds) > wire.MAX_FDS:
-                peer_log.warning(f"fds:{client.conn.domid}", "%s: too many fds; disconnecting",
-                                 client)
-                return
 
     def _close_fds(self, client: _Client, n: int) -> None:
         for fd in client.fds[:n]:
@@ -361,7 +373,7 @@ class XenstoreServer:
             self._queue(client, reply)
             self.apply(events)
             return
-        if len(client.fds) < expected or client.domain is None:
+        if len(client.fds) != expected or client.domain is None:
             self._close_fds(client, len(client.fds))
             self._queue(client, wire.error(msg, "EINVAL"))
             return
@@ -395,7 +407,7 @@ class XenstoreServer:
         domain.claimed = True
         domain.name = name
         self.apply(self.store.ensure(f"/local/domain/{domain.domid}/name", name.encode(),
-                                     [f"r{domain.domid}"]))
+                                     ["n0", f"r{domain.domid}"]))
         self._queue(client, wire.reply(msg, f"{domain.domid}\0".encode()))
 
     def _take_fds(self, domain: Domain, msg: Message, fds: list[int]) -> None:

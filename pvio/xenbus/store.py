@@ -184,7 +184,7 @@ class Store:
         """Validate ``path`` and make it absolute (relative paths hang off the home)."""
         if watch and path in SPECIAL_WATCH_PATHS:
             return path
-        if not path or not _VALID.match(path) or "//" in path:
+        if not path or not _VALID.fullmatch(path) or "//" in path:
             raise XenstoreError("EINVAL", f"invalid path {path!r}")
         if path.startswith("/"):
             if len(path) > XENSTORE_ABS_PATH_MAX:
@@ -209,8 +209,10 @@ class Store:
         return tx.nodes if tx is not None else self.nodes
 
     def _touch(self, tx: Transaction | None, path: str) -> None:
+        """Record, before a transaction first reads or changes ``path``, the
+        generation its snapshot saw; commit compares it with the live tree."""
         if tx is not None and path not in tx.touched:
-            node = self.nodes.get(path)
+            node = tx.nodes.get(path)
             tx.touched[path] = node.gen if node is not None else None
 
     def _get(self, conn: Connection, tx: Transaction | None, path: str, *,
@@ -274,6 +276,10 @@ class Store:
         parent = view[p]
         if not self._can(conn, parent, write=True):
             raise XenstoreError("EACCES", p)
+        owner = parent.owner if conn.privileged else conn.domid
+        if (tx is None and not conn.privileged
+                and self._owned.get(owner, 0) + len(missing) > self.quota.nodes):
+            raise XenstoreError("ENOSPC", f"dom{owner} owns too many nodes")
         for p in reversed(missing):
             parent = view[_parent(p)]
             perms = parent.perms
@@ -312,7 +318,7 @@ class Store:
         path = self.canonical(conn, path)
         self._touch(tx, path)
         if path in self._view(tx):
-            self._get(conn, tx, path)  # EACCES if we may not even read it
+            self._get(conn, tx, path, write=True)  # as C's do_mkdir: EACCES without write
             return []
         events: list[str] = []
         self._create(conn, tx, path, events)
@@ -325,26 +331,29 @@ class Store:
             raise XenstoreError("EINVAL", "cannot remove /")
         view = self._view(tx)
         self._touch(tx, path)
-        if path not in view:
-            parent = _parent(path)
-            self._touch(tx, parent)
-            if parent in view:
-                return []
-            raise XenstoreError("ENOENT", path)
-        self._get(conn, tx, path, write=True)
-        removed = [p for p in view if _is_under(p, path)]
-        for p in removed:
-            self._touch(tx, p)
-            self._charge(view[p].owner, -1, conn, tx)
-            del view[p]
         parent_path = _parent(path)
+        self._touch(tx, parent_path)
+        if path not in view:
+            if parent_path in view:
+                # "Removing" a missing node succeeds, but only for whoever may
+                # learn it is missing (C's do_rm).
+                if not self._can(conn, view[parent_path], write=False):
+                    raise XenstoreError("EACCES", path)
+                return []
+            self._get(conn, tx, path)  # ENOENT, or EACCES under an unreadable ancestor
+        self._get(conn, tx, path, write=True)
+        removed = {p: view[p] for p in view if _is_under(p, path)}
+        for p, node in removed.items():
+            self._touch(tx, p)
+            self._charge(node.owner, -1, conn, tx)
+            del view[p]
         parent = view[parent_path]
         name = _basename(path)
         view[parent_path] = replace(
             parent, children=tuple(c for c in parent.children if c != name), gen=self._next_gen()
         )
         self._written(tx, parent_path, *removed)
-        return self._fire([path], removed=True) if tx is None else []
+        return self._fire([path], removed=removed) if tx is None else []
 
     def set_perms(self, conn: Connection, path: str, perms: Iterable[str | Perm],
                   tx_id: int = 0) -> list[WatchEvent]:
@@ -390,33 +399,41 @@ class Store:
     def watch_count(self, conn: Connection) -> int:
         return sum(1 for w in self._watches if w.conn is conn)
 
-    def _fire(self, changed: Iterable[str], removed: bool = False) -> list[WatchEvent]:
-        """Watch events for changed paths. A removal also fires the watches set
-        *below* the removed node, with the watched path (as C xenstored does),
-        so a watcher of ``.../state`` learns that its node went away."""
+    def _fire(self, changed: Iterable[str],
+              removed: dict[str, Node] | None = None) -> list[WatchEvent]:
+        """Watch events for changed paths, to watchers that may read the node.
+
+        ``removed`` (the nodes a removal deleted, by path) marks a removal: it
+        also fires the watches set *below* the removed node, with the watched
+        path (as C xenstored does, so a watcher of ``.../state`` learns that its
+        node went away); permissions are then those of the removed nodes.
+        Special paths (``@introduceDomain``...) go to privileged watchers of
+        exactly that path.
+        """
         events: list[WatchEvent] = []
+        gone = removed or {}
         for changed_path in dict.fromkeys(changed):  # each path once, in order
-            node = self.nodes.get(changed_path) or self.nodes.get(_parent(changed_path))
             for w in self._watches:
-                if w.abs_path.startswith("@"):
-                    if w.abs_path == changed_path:
-                        events.append(WatchEvent(w.conn, changed_path, w.token))
+                wconn = w.conn
+                if changed_path.startswith("@") or w.abs_path.startswith("@"):
+                    if w.abs_path == changed_path and wconn.privileged:
+                        events.append(WatchEvent(wconn, changed_path, w.token))
                     continue
                 if _is_under(changed_path, w.abs_path):
                     path = changed_path
-                elif removed and _is_under(w.abs_path, changed_path):
+                elif removed is not None and _is_under(w.abs_path, changed_path):
                     path = w.abs_path
                 else:
                     continue
-                wconn = w.conn
-                if isinstance(wconn, Connection) and node is not None and not self._can(
-                    wconn, node, write=False
-                ):
+                node = gone.get(path) or self.nodes.get(path) or gone.get(changed_path)
+                if node is None:
+                    if not wconn.privileged:
+                        continue
+                elif not self._can(wconn, node, write=False):
                     continue
                 shown = path
-                if not w.path.startswith("/") and isinstance(wconn, Connection):
-                    shown = path[len(wconn.home) + 1 :] if path.startswith(wconn.home + "/") \
-                        else path
+                if not w.path.startswith("/") and path.startswith(wconn.home + "/"):
+                    shown = path[len(wconn.home) + 1 :]
                 events.append(WatchEvent(wconn, shown, w.token))
         return events
 
@@ -438,7 +455,7 @@ class Store:
     def transaction_end(self, conn: Connection, tx_id: int, commit: bool) -> list[WatchEvent]:
         tx = self._tx(conn, tx_id)
         if tx is None:
-            raise XenstoreError("EINVAL", "TRANSACTION_END needs a transaction id")
+            raise XenstoreError("ENOENT", "TRANSACTION_END needs a transaction id")
         del self._transactions[tx_id]
         if not commit:
             return []
@@ -452,15 +469,16 @@ class Store:
         )
         if not conn.privileged and owned.get(conn.domid, 0) > self.quota.nodes:
             raise XenstoreError("ENOSPC", f"dom{conn.domid} would own too many nodes")
+        removed = {p: self.nodes[p] for p in tx.written
+                   if p not in tx.nodes and p in self.nodes}
         for path in tx.written:
             if path in tx.nodes:
                 self.nodes[path] = tx.nodes[path]
             else:
                 self.nodes.pop(path, None)
         self._owned = owned
-        removed = [p for p in tx.written if p not in tx.nodes]
         return self._fire(sorted(p for p in tx.written if p in tx.nodes)) + self._fire(
-            removed, removed=True
+            sorted(removed), removed=removed
         )
 
     @staticmethod
