@@ -17,6 +17,7 @@ Example (every key optional; this is the embedded default)::
       image = "guest-xvda.img"
       size = "64M"
       mode = "w"                          # "r" for read-only
+      # sector_size = 4096                # needs a frontend with feature-large-sector-size
 
       [[domain.device]]
       type = "console"
@@ -128,6 +129,10 @@ def _device(raw: dict, where: str) -> DeviceConfig:
             raise ConfigError(f"{where}: size must be a positive multiple of 512")
         if opts.setdefault("mode", "w") not in ("r", "w"):
             raise ConfigError(f"{where}: mode must be 'r' or 'w'")
+        if opts.setdefault("sector_size", 512) not in (512, 1024, 2048, 4096):
+            raise ConfigError(f"{where}: sector_size must be 512, 1024, 2048 or 4096")
+        if opts["size"] % opts["sector_size"]:
+            raise ConfigError(f"{where}: size must be a multiple of sector_size")
     if dtype == "vif":
         mac = str(opts.setdefault("mac", f"00:16:3e:00:00:{devid % 256:02x}")).lower()
         if not _MAC.match(mac):

@@ -109,7 +109,8 @@ class Daemon:
         if dev.type == "vbd":
             image = os.path.join(self.config.data_dir, dev.options["image"])
             ensure_image(image, dev.options["size"])
-            return BlkBackend(domain, image, dev.options["mode"])
+            return BlkBackend(domain, image, dev.options["mode"],
+                              sector_size=dev.options["sector_size"])
         if dev.type == "console":
             return ConsoleBackend(domain)
         return NetBackend(domain, dev.options["mac"])

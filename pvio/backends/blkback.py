@@ -82,10 +82,9 @@ class BlkBackend(RingBackendDriver):
         self.stats = BlkStats()
         self.flush_failed = False  # sticky, as QEMU's page_cache_inconsistent
         self._fd = -1
-        self._wait_scope: trio.CancelScope | None = None
+        self._wait_scopes: dict[int, trio.CancelScope] = {}
         self._draining = False
-        self._stopped = trio.Event()
-        self._stopped.set()
+        self._running: list[trio.Event] = []
 
     @property
     def size(self) -> int:
@@ -121,13 +120,20 @@ class BlkBackend(RingBackendDriver):
             raise DeviceError(f"unsupported blkif protocol {protocol!r} (native layout only)")
         if self.nursery is None:
             raise DeviceError("blkback needs a nursery to run its service")
-        ring = BackRing.attach(BLKIF, conn.mappings[0].buf)
+        large = (frontend.get("feature-large-sector-size") or b"0").strip() == b"1"
+        if self.sector_size != SECTOR and not large:
+            raise DeviceError(f"the disk has {self.sector_size}-byte sectors but the frontend "
+                              "did not set feature-large-sector-size (blkif.h)")
         flags = os.O_RDONLY if self.mode == "r" else os.O_RDWR
         self._fd = os.open(self.image, flags | os.O_CLOEXEC)
         self.flush_failed = False
         self._draining = False
-        self._stopped = trio.Event()
-        await self.nursery.start(self._serve, ring, conn)
+        self._running = []
+        for q, queue in enumerate(conn.queues):
+            ring = BackRing.attach(BLKIF, queue.mappings[0].buf)
+            stopped = trio.Event()
+            self._running.append(stopped)
+            await self.nursery.start(self._serve, ring, queue.channel, q, stopped)
         info = VDISK_READONLY if self.mode == "r" else 0
         feats = self._features()
         return {"sectors": str(feats.sectors), "info": str(info),
@@ -135,18 +141,20 @@ class BlkBackend(RingBackendDriver):
                 "physical-sector-size": str(self.sector_size)}
 
     async def stop(self) -> None:
-        """Drain: the batch in progress completes and is answered, then the service ends."""
+        """Drain: the batches in progress complete and are answered, then the services end."""
         self._draining = True
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
-        await self._stopped.wait()
+        for scope in list(self._wait_scopes.values()):
+            scope.cancel()
+        for stopped in self._running:
+            await stopped.wait()
+        self._running = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     # ------------------------------------------------------------- service
 
-    async def _serve(self, ring: BackRing, conn: BackendConnection, *,
+    async def _serve(self, ring: BackRing, channel, queue: int, stopped: trio.Event, *,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
         feats = self._features()
         mapper = self.domain.mapper()
@@ -165,20 +173,20 @@ class BlkBackend(RingBackendDriver):
                     return
                 n = len(batch) // blkif.REQ_SIZE
                 if n == 0:
-                    with trio.CancelScope() as self._wait_scope:
-                        await wait_for_work(ring, conn.channel)
-                    self._wait_scope = None
+                    with trio.CancelScope() as self._wait_scopes[queue]:
+                        await wait_for_work(ring, channel)
+                    del self._wait_scopes[queue]
                     continue
                 reqs = [parse_request(batch[i * blkif.REQ_SIZE:(i + 1) * blkif.REQ_SIZE],
                                       feats) for i in range(n)]
                 results = await self._execute(reqs, mapper, pool, feats)
                 _, notify = ring.produce(pack_responses(results, out))
                 if notify:
-                    conn.channel.notify()
+                    channel.notify()
                 self.stats.batches += 1
                 self.stats.max_batch = max(self.stats.max_batch, n)
         finally:
-            self._stopped.set()
+            stopped.set()
 
     async def _execute(self, reqs: list, mapper, pool, feats: BackendFeatures) -> list:
         """Pin, do the batch's I/O in one worker thread, unpin; (id, op, status) each."""

@@ -58,8 +58,8 @@ def _num(raw: bytes | None, default: int = 0) -> int:
 
 
 class _Slot:
-    __slots__ = ("done", "frame", "id", "indirect_frame", "indirect_ref", "op", "refs",
-                 "request", "seq", "status")
+    __slots__ = ("done", "frame", "id", "indirect_frame", "indirect_ref", "op", "queue",
+                 "refs", "request", "seq", "status")
 
     def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int]) -> None:
         self.id = sid
@@ -71,6 +71,7 @@ class _Slot:
         self.status = 0
         self.request = b""  # the shadow: resubmitted as-is after a reconnect
         self.seq = 0
+        self.queue = 0
 
 
 class BlkFront(RingFrontendDriver):
@@ -78,9 +79,9 @@ class BlkFront(RingFrontendDriver):
 
     layout = VBD
 
-    def __init__(self, session, *, ring_page_order: int = 0) -> None:
-        super().__init__(session, ring_page_order=ring_page_order)
-        self.ring: FrontRing | None = None
+    def __init__(self, session, *, ring_page_order: int = 0, queues: int = 1) -> None:
+        super().__init__(session, ring_page_order=ring_page_order, queues=queues)
+        self.rings: list[FrontRing] = []
         self.sectors = 0
         self.sector_size = 512
         self.readonly = False
@@ -90,7 +91,7 @@ class BlkFront(RingFrontendDriver):
         self._free: list[_Slot] = []
         self._sem: trio.Semaphore | None = None
         self._data_pages = 0
-        self._service: trio.CancelScope | None = None
+        self._services: list[trio.CancelScope] = []
         self._online = trio.Event()
         self._seq = 0
         self.stats = {"requests": 0, "bytes": 0, "notifications": 0, "resubmitted": 0,
@@ -98,25 +99,43 @@ class BlkFront(RingFrontendDriver):
 
     # ------------------------------------------------------------ handshake
 
+    def frontend_features(self) -> dict[str, str]:
+        # We count sectors in the backend's sector-size (blkif.h).
+        return {"feature-large-sector-size": "1"}
+
+    @property
+    def ring(self) -> FrontRing | None:
+        """Queue 0's ring (None while disconnected)."""
+        return self.rings[0] if self.rings else None
+
     def setup(self) -> None:
-        self.ring = FrontRing.init(BLKIF, self.area(0))
+        self.rings = [FrontRing.init(BLKIF, self.area(0, q)) for q in range(len(self.queues))]
+        total = sum(r.nr_ents for r in self.rings)
         if self._slots:
             # Reconnecting: keep the slots, their granted pages and the shadows
             # of requests still in flight (blkfront's blkif_recover).
-            if len(self._slots) != self.ring.nr_ents:
-                raise BlkDeviceError("ring size changed across a reconnect")
+            if len(self._slots) != total:
+                raise BlkDeviceError("ring size or queue count changed across a reconnect")
+            for slot in self._slots:
+                slot.queue = slot.id % len(self.rings)
             return
-        pages = MAX_INDIRECT_SEGMENTS
+        # Each slot owns up to 32 data pages (+1 indirect page), within half of
+        # the free guest memory, so big multi-queue rings still fit.
+        budget = self.session.pool.free_pages // 2 // total - 1
+        if budget < 1:
+            raise BlkDeviceError(f"guest memory too small for {total} ring slots")
+        pages = min(MAX_INDIRECT_SEGMENTS, budget)
         self._data_pages = pages
         self._slots, self._free = [], []
-        for sid in range(self.ring.nr_ents):
+        for sid in range(total):
             frame = self.session.pool.alloc(pages + 1)
             refs = [self.session.gnttab.grant_access(0, frame + i) for i in range(pages)]
             iref = self.session.gnttab.grant_access(0, frame + pages, readonly=True)
             slot = _Slot(sid, frame, refs, (frame + pages, iref))
+            slot.queue = sid % len(self.rings)
             self._slots.append(slot)
             self._free.append(slot)
-        self._sem = trio.Semaphore(self.ring.nr_ents)
+        self._sem = trio.Semaphore(total)
 
     async def attach(self, backend: dict[str, bytes | None]) -> None:
         await super().attach(backend)
@@ -131,8 +150,9 @@ class BlkFront(RingFrontendDriver):
             self.error = f"backend published a bad sector-size {self.sector_size}"
             raise BlkDeviceError(self.error)
         self.error = None
-        self._service = trio.CancelScope()
-        self.session._nursery.start_soon(self._responses, self._service)
+        self._services = [trio.CancelScope() for _ in self.rings]
+        for q, scope in enumerate(self._services):
+            self.session._nursery.start_soon(self._responses, scope, q)
         self._resubmit()
         self._online.set()
 
@@ -140,22 +160,22 @@ class BlkFront(RingFrontendDriver):
         """Put every request still in flight back on the (new) ring, in submission order."""
         pending = sorted((s for s in self._slots if s.op >= 0 and not s.done.is_set()),
                          key=lambda s: s.seq)
-        if not pending:
-            return
-        put, notify = self.ring.produce(b"".join(s.request for s in pending))
-        assert put == len(pending)
-        self.stats["resubmitted"] += len(pending)
-        log.info("vbd: resubmitted %d request(s) after reconnecting", len(pending))
-        if notify:
-            self.channel.notify()
+        for q, ring in enumerate(self.rings):
+            mine = [s for s in pending if s.queue == q]
+            if not mine:
+                continue
+            put, notify = ring.produce(b"".join(s.request for s in mine))
+            assert put == len(mine)
+            if notify:
+                self.queues[q].channel.notify()
+        if pending:
+            self.stats["resubmitted"] += len(pending)
+            log.info("vbd: resubmitted %d request(s) after reconnecting", len(pending))
 
     async def connection_lost(self) -> None:
         """The daemon is gone: stop the ring, keep the in-flight shadows."""
         self._online = trio.Event()
-        if self._service is not None:
-            self._service.cancel()
-            self._service = None
-        self.ring = None
+        self._stop_services()
         self.stats["reconnects"] += 1
         self.release_transport()
         self.session._nursery.start_soon(self._recovery_watchdog)
@@ -169,9 +189,7 @@ class BlkFront(RingFrontendDriver):
 
     async def detach(self) -> None:
         self._online = trio.Event()
-        if self._service is not None:
-            self._service.cancel()
-            self._service = None
+        self._stop_services()
         self._fail_all("device detached")
         for slot in self._slots:
             refs = [*slot.refs, slot.indirect_ref]
@@ -180,8 +198,13 @@ class BlkFront(RingFrontendDriver):
             else:
                 self.session.pool.quarantine(slot.frame, self._data_pages + 1)
         self._slots, self._free = [], []
-        self.ring = None
         await super().detach()
+
+    def _stop_services(self) -> None:
+        for scope in self._services:
+            scope.cancel()
+        self._services = []
+        self.rings = []
 
     @property
     def size(self) -> int:
@@ -197,8 +220,8 @@ class BlkFront(RingFrontendDriver):
         if self.error is None and reason != "device detached":
             self.error = reason
 
-    async def _responses(self, scope: trio.CancelScope) -> None:
-        ring, channel = self.ring, self.channel
+    async def _responses(self, scope: trio.CancelScope, queue: int) -> None:
+        ring, channel = self.rings[queue], self.queues[queue].channel
         with scope:
             while True:
                 try:
@@ -212,7 +235,8 @@ class BlkFront(RingFrontendDriver):
                     continue
                 for rid, op, status in blkif.RSP.iter_unpack(batch):
                     if rid >= len(self._slots) or self._slots[rid].op < 0 \
-                            or self._slots[rid].done.is_set():
+                            or self._slots[rid].done.is_set() \
+                            or self._slots[rid].queue != queue:
                         self._fail_all(f"backend answered id {rid}, which is not outstanding")
                         log.error("vbd: %s; device disabled", self.error)
                         return
@@ -252,10 +276,10 @@ class BlkFront(RingFrontendDriver):
                 slot.done = trio.Event()
                 slot.status = 0
                 slot.op = op
-                put, notify = self.ring.produce(slot.request)
+                put, notify = self.rings[slot.queue].produce(slot.request)
                 assert put == 1
                 if notify:
-                    self.channel.notify()
+                    self.queues[slot.queue].channel.notify()
                     self.stats["notifications"] += 1
                 await slot.done.wait()
                 self.stats["requests"] += 1
@@ -295,7 +319,7 @@ class BlkFront(RingFrontendDriver):
         indirect = self.features.get("feature-max-indirect-segments", 0)
         segs = min(indirect, MAX_INDIRECT_SEGMENTS) if indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST \
             else BLKIF_MAX_SEGMENTS_PER_REQUEST
-        return segs * XEN_PAGE_SIZE
+        return min(segs, self._data_pages) * XEN_PAGE_SIZE
 
     async def _aligned_io(self, op: int, offset: int, view: memoryview) -> None:
         """Sector-aligned read into / write from ``view``, split into requests."""

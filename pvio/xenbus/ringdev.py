@@ -40,15 +40,22 @@ class DeviceLayout:
     areas: tuple[SharedArea, ...]
     evtchn_key: str = "event-channel"
     max_ring_page_order: int = 0
+    max_queues: int = 1  # > 1: multi-queue-num-queues and queue-N/ keys (blkif.h)
+    extra_frontend_keys: tuple[str, ...] = ()  # device-specific (feature-* of the frontend)
 
     @property
     def frontend_keys(self) -> tuple[str, ...]:
-        keys = [self.evtchn_key, "protocol"]
-        for area in self.areas:
-            keys.append(area.ref_key)
-            if area.multi_page:
-                keys += ["ring-page-order"]
-                keys += [f"{area.ref_key}{i}" for i in range(1 << self.max_ring_page_order)]
+        keys = ["protocol", "ring-page-order", "multi-queue-num-queues",
+                *self.extra_frontend_keys]
+        prefixes = [""] + [f"queue-{q}/" for q in range(self.max_queues if
+                                                          self.max_queues > 1 else 0)]
+        for prefix in prefixes:
+            keys.append(prefix + self.evtchn_key)
+            for area in self.areas:
+                keys.append(prefix + area.ref_key)
+                if area.multi_page:
+                    keys += [f"{prefix}{area.ref_key}{i}"
+                             for i in range(1 << self.max_ring_page_order)]
         return tuple(dict.fromkeys(keys))
 
 
@@ -62,17 +69,36 @@ def _uint(raw: bytes | None, what: str, limit: int) -> int:
 
 
 @dataclass
-class BackendConnection:
-    """What a connected backend holds: mapped areas and the bound event channel."""
+class QueueConnection:
+    """One queue of a connected device: its mapped areas and bound event channel."""
 
     mappings: list[GrantMapping]
     channel: EventChannel
-    pages: list[int]
 
     def close(self) -> None:
         for mapping in self.mappings:
             mapping.close()
         self.channel.close()
+
+
+@dataclass
+class BackendConnection:
+    """What a connected backend holds: one :class:`QueueConnection` per queue."""
+
+    queues: list[QueueConnection]
+    ring_page_order: int = 0
+
+    @property
+    def mappings(self) -> list[GrantMapping]:
+        return self.queues[0].mappings
+
+    @property
+    def channel(self) -> EventChannel:
+        return self.queues[0].channel
+
+    def close(self) -> None:
+        for queue in self.queues:
+            queue.close()
 
 
 class RingBackendDriver:
@@ -96,6 +122,8 @@ class RingBackendDriver:
         feats = {}
         if any(a.multi_page for a in self.layout.areas):
             feats["max-ring-page-order"] = str(self.layout.max_ring_page_order)
+        if self.layout.max_queues > 1:
+            feats["multi-queue-max-queues"] = str(self.layout.max_queues)
         return feats
 
     async def connect(self, frontend: dict[str, bytes | None]) -> dict[str, str]:
@@ -103,23 +131,45 @@ class RingBackendDriver:
             mapper = self.domain.mapper()
         except XenstoreError as exc:
             raise DeviceError(str(exc)) from exc
+        nq = 1
+        if self.layout.max_queues > 1 and frontend.get("multi-queue-num-queues") is not None:
+            nq = _uint(frontend["multi-queue-num-queues"], "multi-queue-num-queues",
+                       self.layout.max_queues)
+            if nq == 0:
+                raise DeviceError("frontend asked for 0 queues")
+        order = 0
+        if any(a.multi_page for a in self.layout.areas) and \
+                frontend.get("ring-page-order") is not None:
+            order = _uint(frontend["ring-page-order"], "ring-page-order",
+                          self.layout.max_ring_page_order)
+        queues: list[QueueConnection] = []
+        try:
+            for q in range(nq):
+                queues.append(self._connect_queue(mapper, frontend,
+                                                  "" if nq == 1 else f"queue-{q}/", order))
+        except BaseException:
+            for queue in queues:
+                queue.close()
+            raise
+        self.conn = BackendConnection(queues, order)
+        return await self.start(self.conn, frontend)
+
+    def _connect_queue(self, mapper, frontend: dict, prefix: str, order: int) -> QueueConnection:
         mappings: list[GrantMapping] = []
-        pages: list[int] = []
         try:
             for area in self.layout.areas:
-                if area.multi_page and frontend.get("ring-page-order") is not None:
-                    order = _uint(frontend["ring-page-order"], "ring-page-order",
-                                  self.layout.max_ring_page_order)
-                    refs = [_uint(frontend.get(f"{area.ref_key}{i}"), f"{area.ref_key}{i}",
-                                  0xFFFFFFFF) for i in range(1 << order)]
+                key = prefix + area.ref_key
+                if area.multi_page and order:
+                    refs = [_uint(frontend.get(f"{key}{i}"), f"{key}{i}", 0xFFFFFFFF)
+                            for i in range(1 << order)]
                 else:
-                    refs = [_uint(frontend.get(area.ref_key), area.ref_key, 0xFFFFFFFF)]
+                    refs = [_uint(frontend.get(key), key, 0xFFFFFFFF)]
                 try:
                     mappings.append(mapper.map(refs, writable=True))
                 except GrantError as exc:
-                    raise DeviceError(f"cannot map {area.ref_key}: {exc}") from exc
-                pages.append(len(refs))
-            port = _uint(frontend.get(self.layout.evtchn_key), self.layout.evtchn_key, 4095)
+                    raise DeviceError(f"cannot map {key}: {exc}") from exc
+            key = prefix + self.layout.evtchn_key
+            port = _uint(frontend.get(key), key, 4095)
             fds = self.domain.evtchn_fds.pop(port, None)
             if fds is None:
                 raise DeviceError(f"event channel port {port} was not handed over")
@@ -128,8 +178,7 @@ class RingBackendDriver:
             for mapping in mappings:
                 mapping.close()
             raise
-        self.conn = BackendConnection(mappings, channel, pages)
-        return await self.start(self.conn, frontend)
+        return QueueConnection(mappings, channel)
 
     async def start(self, conn: BackendConnection, frontend: dict[str, bytes | None]) -> dict:
         """Device hook: start serving; returns info keys to publish. Default: none."""
@@ -146,44 +195,80 @@ class RingBackendDriver:
         self.conn = None
 
 
+@dataclass
+class FrontQueue:
+    """One queue of a frontend device: its granted areas and its event channel."""
+
+    areas: list[tuple[int, int, list[int]]]  # (first frame, pages, grant refs)
+    channel: EventChannel | None = None
+
+
 class RingFrontendDriver:
-    """Frontend transport: allocate and grant the areas, hand over the port, publish."""
+    """Frontend transport: allocate and grant the areas, hand over the ports, publish.
+
+    ``queues`` > 1 asks for multi-queue (capped by the backend's
+    ``multi-queue-max-queues``; one queue if it offers none).
+    """
 
     layout: DeviceLayout
 
     def __init__(self, session, layout: DeviceLayout | None = None, *,
-                 ring_page_order: int = 0) -> None:
+                 ring_page_order: int = 0, queues: int = 1) -> None:
         self.session = session
         if layout is not None:
             self.layout = layout
         self.type = self.layout.type
         self.ring_page_order = ring_page_order
-        self.areas: list[tuple[int, int, list[int]]] = []  # (frame, pages, refs)
-        self.channel: EventChannel | None = None
+        self.requested_queues = queues
+        self.queues: list[FrontQueue] = []
         self.backend: dict[str, bytes | None] = {}
 
-    def area(self, i: int) -> memoryview:
-        frame, pages, _ = self.areas[i]
+    @property
+    def channel(self) -> EventChannel | None:
+        """Queue 0's event channel."""
+        return self.queues[0].channel if self.queues else None
+
+    def area(self, i: int, queue: int = 0) -> memoryview:
+        frame, pages, _ = self.queues[queue].areas[i]
         return self.session.pool.shm.page(frame, pages)
+
+    async def _backend_max_queues(self, xs, path: str) -> int:
+        be = await xs.read_or_none(f"{path}/backend")
+        raw = await xs.read_or_none(f"{be.decode()}/multi-queue-max-queues") if be else None
+        try:
+            return max(1, int(raw.decode())) if raw else 1
+        except ValueError:
+            return 1
 
     async def publish(self, xs, path: str) -> None:
         self.release_transport()
-        keys: dict[str, str] = {"protocol": "x86_64-abi"}
-        for area in self.layout.areas:
-            pages = 1 << self.ring_page_order if area.multi_page else 1
-            frame = self.session.pool.alloc(pages)
-            refs = [self.session.gnttab.grant_access(DOM0, frame + i) for i in range(pages)]
-            self.areas.append((frame, pages, refs))
-            if area.multi_page and self.ring_page_order:
-                keys["ring-page-order"] = str(self.ring_page_order)
-                keys.update({f"{area.ref_key}{i}": str(r) for i, r in enumerate(refs)})
-            else:
-                keys[area.ref_key] = str(refs[0])
+        nq = 1
+        if self.requested_queues > 1 and self.layout.max_queues > 1:
+            nq = min(self.requested_queues, await self._backend_max_queues(xs, path))
+        keys: dict[str, str] = {"protocol": "x86_64-abi", **self.frontend_features()}
+        if nq > 1:
+            keys["multi-queue-num-queues"] = str(nq)
+        if self.ring_page_order and any(a.multi_page for a in self.layout.areas):
+            keys["ring-page-order"] = str(self.ring_page_order)
+        for q in range(nq):
+            prefix = "" if nq == 1 else f"queue-{q}/"
+            queue = FrontQueue([])
+            self.queues.append(queue)
+            for area in self.layout.areas:
+                pages = 1 << self.ring_page_order if area.multi_page else 1
+                frame = self.session.pool.alloc(pages)
+                refs = [self.session.gnttab.grant_access(DOM0, frame + i) for i in range(pages)]
+                queue.areas.append((frame, pages, refs))
+                if area.multi_page and self.ring_page_order:
+                    keys.update({f"{prefix}{area.ref_key}{i}": str(r)
+                                 for i, r in enumerate(refs)})
+                else:
+                    keys[prefix + area.ref_key] = str(refs[0])
+            unbound = self.session.evtchn.alloc_unbound(DOM0)
+            await xs.hand_over_evtchn(unbound.port, unbound.peer_fds())
+            queue.channel = unbound.channel
+            keys[prefix + self.layout.evtchn_key] = str(unbound.port)
         self.setup()
-        unbound = self.session.evtchn.alloc_unbound(DOM0)
-        await xs.hand_over_evtchn(unbound.port, unbound.peer_fds())
-        self.channel = unbound.channel
-        keys[self.layout.evtchn_key] = str(unbound.port)
         tx = await xs.transaction_start()
         for key, value in keys.items():
             await xs.write(f"{path}/{key}", value, tx)
@@ -191,6 +276,10 @@ class RingFrontendDriver:
 
     def setup(self) -> None:
         """Device hook: initialise the freshly allocated areas (e.g. FrontRing.init)."""
+
+    def frontend_features(self) -> dict[str, str]:
+        """Device hook: ``feature-*`` keys the frontend publishes with its transport."""
+        return {}
 
     async def attach(self, backend: dict[str, bytes | None]) -> None:
         self.backend = backend
@@ -201,21 +290,22 @@ class RingFrontendDriver:
 
     def release_transport(self) -> None:
         """Revoke the areas' grants and free their pages (pages the backend still
-        maps are quarantined, XSA-396), close the event channel."""
-        for frame, pages, refs in self.areas:
-            if all([self.session.gnttab.end_access(r) for r in refs]):
-                self.session.pool.free(frame, pages)
-            else:
-                log.warning("%s: backend still maps frames %d+%d; quarantined",
-                            self.type, frame, pages)
-                self.session.pool.quarantine(frame, pages)
-        self.areas.clear()
-        if self.channel is not None:
-            self.session.evtchn.close(self.channel.port)
-            self.channel = None
+        maps are quarantined, XSA-396), close the event channels."""
+        for queue in self.queues:
+            for frame, pages, refs in queue.areas:
+                if all([self.session.gnttab.end_access(r) for r in refs]):
+                    self.session.pool.free(frame, pages)
+                else:
+                    log.warning("%s: backend still maps frames %d+%d; quarantined",
+                                self.type, frame, pages)
+                    self.session.pool.quarantine(frame, pages)
+            if queue.channel is not None:
+                self.session.evtchn.close(queue.channel.port)
+        self.queues = []
 
 
-VBD = DeviceLayout("vbd", (SharedArea("ring-ref", multi_page=True),), max_ring_page_order=4)
+VBD = DeviceLayout("vbd", (SharedArea("ring-ref", multi_page=True),), max_ring_page_order=4,
+                   max_queues=4, extra_frontend_keys=("feature-large-sector-size",))
 VIF = DeviceLayout("vif", (SharedArea("tx-ring-ref"), SharedArea("rx-ring-ref")))
 CONSOLE = DeviceLayout("console", (SharedArea("ring-ref"),), evtchn_key="port")
 LAYOUTS = {layout.type: layout for layout in (VBD, VIF, CONSOLE)}
