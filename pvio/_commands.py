@@ -113,6 +113,7 @@ async def _demo() -> int:
                     print(f"   vbd: {disk.size >> 20} MiB disk; wrote 1 MiB at 4096, flushed, "
                           f"read it back: {'identical' if same else 'MISMATCH'} "
                           f"({disk.stats['requests']} requests, ring of {disk.ring.nr_ents})")
+                await trio.sleep(1.1)  # the daemon publishes statistics once a second
                 print("4. the store as `pvio status` sees it (admin socket):")
                 async with open_client(config.admin_socket) as xs:
                     domains, rows = await _status.collect(xs)

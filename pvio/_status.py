@@ -19,6 +19,7 @@ class DeviceRow:
     frontend_state: str
     features: dict[str, str] = field(default_factory=dict)
     frontend_keys: dict[str, str] = field(default_factory=dict)
+    statistics: dict[str, str] = field(default_factory=dict)
 
 
 async def _ls(xs: XsClient, path: str) -> list[str]:
@@ -53,6 +54,10 @@ async def collect(xs: XsClient) -> tuple[list[dict], list[DeviceRow]]:
                         "sectors", "sector-size", "info", "mode", "mac"
                     ):
                         row.features[key] = (await xs.read_or_none(f"{be}/{key}") or b"").decode()
+                for key in await _ls(xs, f"{be}/statistics"):
+                    row.statistics[key] = (
+                        await xs.read_or_none(f"{be}/statistics/{key}") or b""
+                    ).decode()
                 if fe:
                     for key in await _ls(xs, fe):
                         if key.startswith(("ring-ref", "event-channel", "protocol", "port",
@@ -82,4 +87,7 @@ def render(domains: list[dict], rows: list[DeviceRow]) -> str:
         if row.frontend_keys:
             out.append("    frontend: " + ", ".join(f"{k}={v}" for k, v in
                                                     sorted(row.frontend_keys.items())))
+        if row.statistics:
+            out.append("    stats:    " + ", ".join(f"{k}={v}" for k, v in
+                                                    sorted(row.statistics.items())))
     return "\n".join(out)

@@ -167,6 +167,9 @@ class Daemon:
     async def _run_device(self, device: BackendDevice, store: LocalStore) -> None:
         store.watch(f"{device.fe}/state", "fe-state")
         await device.publish()
+        if hasattr(device.driver, "statistics"):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._publish_statistics, device, store)
         async for _path, _token in store.events:
             try:
                 await device.frontend_changed()
@@ -174,6 +177,22 @@ class Daemon:
                 log.exception("%s: handshake failed; closing it", device)
                 await device.driver.disconnect()
                 return
+
+    STATISTICS_INTERVAL = 1.0
+
+    async def _publish_statistics(self, device: BackendDevice, store: LocalStore) -> None:
+        """Write the device's counters under ``<backend>/statistics/`` when they change."""
+        last: dict[str, int] = {}
+        while device in self._all_devices():
+            current = device.driver.statistics()
+            for key, value in current.items():
+                if last.get(key) != value:
+                    await store.write(f"{device.be}/statistics/{key}", str(value))
+            last = current
+            await trio.sleep(self.STATISTICS_INTERVAL)
+
+    def _all_devices(self) -> list[BackendDevice]:
+        return [d for a in self._claimed.values() for d in a.devices]
 
     async def _release(self, domain: Domain) -> None:
         for name, attached in list(self._claimed.items()):

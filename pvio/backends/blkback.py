@@ -85,6 +85,7 @@ class BlkBackend(RingBackendDriver):
         self._wait_scopes: dict[int, trio.CancelScope] = {}
         self._draining = False
         self._running: list[trio.Event] = []
+        self._rings: list[BackRing] = []
 
     @property
     def size(self) -> int:
@@ -129,8 +130,10 @@ class BlkBackend(RingBackendDriver):
         self.flush_failed = False
         self._draining = False
         self._running = []
+        self._rings = []
         for q, queue in enumerate(conn.queues):
             ring = BackRing.attach(BLKIF, queue.mappings[0].buf)
+            self._rings.append(ring)
             stopped = trio.Event()
             self._running.append(stopped)
             await self.nursery.start(self._serve, ring, queue.channel, q, stopped)
@@ -139,6 +142,19 @@ class BlkBackend(RingBackendDriver):
         return {"sectors": str(feats.sectors), "info": str(info),
                 "sector-size": str(self.sector_size),
                 "physical-sector-size": str(self.sector_size)}
+
+    def statistics(self) -> dict[str, int]:
+        """Counters for ``<backend>/statistics/`` (what ``pvio status`` shows)."""
+        out = {f"{op}_req": n for op, n in self.stats.requests.items()}
+        out.update({f"{op}_bytes": n for op, n in self.stats.bytes.items()})
+        sent = sum(r.notifications[0] for r in self._rings)
+        suppressed = sum(r.notifications[1] for r in self._rings)
+        out.update(errors=self.stats.errors, in_flight=self.stats.in_flight,
+                   batches=self.stats.batches, max_batch=self.stats.max_batch,
+                   ring_occupancy=sum(r.unconsumed_requests + r.pending_responses
+                                      for r in self._rings),
+                   notify_sent=sent, notify_suppressed=suppressed, queues=len(self._rings))
+        return out
 
     async def stop(self) -> None:
         """Drain: the batches in progress complete and are answered, then the services end."""
