@@ -236,7 +236,7 @@ class BlkBackend(RingBackendDriver):
             if status != BlkifRsp.OKAY:
                 self.stats.errors += 1
             else:
-                self.stats.count(_OP_NAMES.get(req.op, "other"), req.length)
+                self.stats.count(_OP_NAMES.get(req.kind, "other"), req.length)
         return results
 
     def _load_indirect(self, req: BlkRequest, mapper, feats) -> BlkRequest | BlkError:
