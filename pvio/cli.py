@@ -23,6 +23,9 @@ examples:
   pvio bench ring                 ring vs socketpair vs multiprocessing.Pipe
   pvio bench ring --json          the same, as one JSON object with 'ratios'
   pvio bench ring --seconds 1 --depths 1,256
+  pvio blk info                   the default domain's disk: size, features, ring
+  pvio blk copy disk.raw pvio:    a local image onto the disk (and `pvio: out.raw` back)
+  pvio blk export /mnt/pvio       the disk as a FUSE file for mkfs, fsck, qemu-img...
 """
 
 
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and print ratios (absolute numbers drift on shared machines; ratios do not).",
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    from pvio.bench import block as bench_block
     from pvio.bench import ring as bench_ring
 
     bench_ring.add_arguments(
@@ -93,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
             "ring",
             help="request/response round trips through a shared ring between two processes",
             description=bench_ring.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    bench_block.add_arguments(
+        bench_sub.add_parser(
+            "block",
+            help="a pvio disk vs in-process os.pread and a Unix-socket block server",
+            description=bench_block.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    from pvio import _blkcli
+
+    _blkcli.add_arguments(
+        sub.add_parser(
+            "blk",
+            help="a pvio disk for ordinary tools: info, read, write, copy, export (FUSE)",
+            description=_blkcli.DESCRIPTION,
+            epilog=_blkcli.EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -122,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         from pvio import _commands
 
         return getattr(_commands, args.command)(args)
+    if args.command == "blk":
+        from pvio import _blkcli
+
+        return _blkcli.run(args)
     if args.command == "bench":
+        if args.bench == "block":
+            from pvio.bench import block as bench_block
+
+            return bench_block.run(args)
         from pvio.bench import ring as bench_ring
 
         return bench_ring.run(args)

@@ -112,9 +112,26 @@ def _uids(value, where: str) -> set[int] | None:
     return set(value)
 
 
+_DEVICE_KEYS = {
+    "vbd": {"image", "size", "mode", "sector_size"},
+    "vif": {"mac"},
+    "console": set(),
+}
+_DOMAIN_KEYS = {"name", "uids", "device"}
+
+
+def _no_unknown(raw: dict, allowed: set[str], where: str) -> None:
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
 def _device(raw: dict, where: str) -> DeviceConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table")
+    if raw.get("type") in _DEVICE_KEYS:
+        _no_unknown(raw, {"type", "devid"} | _DEVICE_KEYS[raw["type"]], where)
     opts = dict(raw)
     dtype = opts.pop("type", None)
     if dtype not in DEVICE_TYPES:
@@ -124,7 +141,10 @@ def _device(raw: dict, where: str) -> DeviceConfig:
         raise ConfigError(f"{where}: devid must be a non-negative integer")
     if dtype == "vbd":
         opts.setdefault("image", f"vbd-{devid}.img")
-        opts["size"] = parse_size(opts.get("size", "64M"))
+        try:
+            opts["size"] = parse_size(opts.get("size", "64M"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if opts["size"] <= 0 or opts["size"] % 512:
             raise ConfigError(f"{where}: size must be a positive multiple of 512")
         if opts.setdefault("mode", "w") not in ("r", "w"):
@@ -161,6 +181,9 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
     )
     for i, dom in enumerate(raw.get("domain", [])):
         where = f"{source}: domain[{i}]"
+        if not isinstance(dom, dict):
+            raise ConfigError(f"{where}: must be a table")
+        _no_unknown(dom, _DOMAIN_KEYS, where)
         name = dom.get("name")
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
             raise ConfigError(f"{where}: name must be 1-64 characters of [A-Za-z0-9_-]")

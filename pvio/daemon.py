@@ -26,7 +26,8 @@ from pvio.config import Config, DeviceConfig
 from pvio.layouts import XenbusState as S
 from pvio.xenbus.device import BackendDevice, backend_path, frontend_path
 from pvio.xenbus.server import Domain, LocalStore, XenstoreServer
-from pvio.xenbus.store import XenstoreError
+from pvio.xenbus.state import parse_state
+from pvio.xenbus.store import Connection, XenstoreError
 
 log = logging.getLogger("pvio.daemon")
 
@@ -63,6 +64,7 @@ class Daemon:
         self.server.on_claim = self._claim
         self.server.on_domain_down.append(self._release)
         self._claimed: dict[str, _Attached] = {}
+        self._root = Connection(0, privileged=True, name="daemon")
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
 
@@ -93,15 +95,32 @@ class Daemon:
                 await self.shutdown()
                 nursery.cancel_scope.cancel()
 
-    async def shutdown(self) -> None:
-        """Close every device: backend Closing, stop I/O, Closed."""
-        for attached in list(self._claimed.values()):
-            for device in attached.devices:
-                try:
-                    await device.shutdown()
-                except Exception:
-                    log.exception("%s: shutdown failed", device)
+    async def shutdown(self, frontend_timeout: float = 5.0) -> None:
+        """Close every device: backend Closing, stop I/O, Closed; then give the
+        frontends up to ``frontend_timeout`` seconds to see it and close too."""
+        devices = self._all_devices()
+        for device in devices:
+            try:
+                await device.shutdown()
+            except Exception:
+                log.exception("%s: shutdown failed", device)
+        with trio.move_on_after(frontend_timeout) as waited:
+            for device in devices:
+                while True:
+                    state = parse_state(await self._peek(f"{device.fe}/state"))
+                    if state in (S.Closed, S.Unknown):
+                        break
+                    await trio.sleep(0.02)
+            await self.server.drain()
+        if waited.cancelled_caught:
+            log.warning("some frontends did not close within %.0f s", frontend_timeout)
         log.info("all devices closed")
+
+    async def _peek(self, path: str) -> bytes | None:
+        try:
+            return self.server.store.read(self._root, path)
+        except XenstoreError:
+            return None
 
     # -------------------------------------------------------------- domains
 
@@ -125,17 +144,22 @@ class Daemon:
             raise XenstoreError("EBUSY", f"{name!r} is attached as "
                                 f"dom{self._claimed[name].domain.domid}")
         attached = _Attached(domain)
-        self._claimed[name] = attached
         log.info("dom%d claims domain %r (%d device(s))", domain.domid, name,
                  len(dom_cfg.devices))
-        for dev in dom_cfg.devices:
-            store = self.server.local_store(f"{dev.type}/{domain.domid}/{dev.devid}")
-            driver = self._driver(domain, dev)
-            device = BackendDevice(store, driver, domain.domid, dev.devid,
-                                   driver.layout.frontend_keys)
-            await self._create_nodes(store, device, driver)
-            attached.devices.append(device)
-            attached.stores.append(store)
+        try:
+            for dev in dom_cfg.devices:
+                store = self.server.local_store(f"{dev.type}/{domain.domid}/{dev.devid}")
+                attached.stores.append(store)
+                driver = self._driver(domain, dev)
+                device = BackendDevice(store, driver, domain.domid, dev.devid,
+                                       driver.layout.frontend_keys)
+                await self._create_nodes(store, device, driver)
+                attached.devices.append(device)
+        except (OSError, XenstoreError) as exc:
+            log.error("dom%d: cannot create the devices of %r: %s", domain.domid, name, exc)
+            self._remove_nodes(attached)
+            raise XenstoreError("EIO", f"cannot create the devices of {name!r}: {exc}") from exc
+        self._claimed[name] = attached
         assert self._nursery is not None
         self._nursery.start_soon(self._run_domain, attached)
 
@@ -194,19 +218,26 @@ class Daemon:
     def _all_devices(self) -> list[BackendDevice]:
         return [d for a in self._claimed.values() for d in a.devices]
 
+    def _remove_nodes(self, attached: _Attached) -> None:
+        domid = attached.domain.domid
+        for store in attached.stores:
+            store.close()
+        for device in attached.devices:
+            self.server.apply(self.server.store.remove_tree(
+                backend_path(device.driver.type, domid, device.devid)))
+            self.server.apply(self.server.store.remove_tree(device.fe))
+        for type_ in {d.driver.type for d in attached.devices}:
+            self.server.apply(self.server.store.remove_tree(
+                f"/local/domain/0/backend/{type_}/{domid}"))
+
     async def _release(self, domain: Domain) -> None:
         for name, attached in list(self._claimed.items()):
             if attached.domain is not domain:
                 continue
             attached.cancel.cancel()
-            for device, store in zip(attached.devices, attached.stores, strict=True):
+            for device in attached.devices:
                 await device.driver.disconnect()
-                store.close()
-                self.server.apply(self.server.store.remove_tree(
-                    backend_path(device.driver.type, domain.domid, device.devid)))
-            for type_ in {d.driver.type for d in attached.devices}:
-                parent = f"/local/domain/0/backend/{type_}/{domain.domid}"
-                self.server.apply(self.server.store.remove_tree(parent))
+            self._remove_nodes(attached)
             del self._claimed[name]
             log.info("dom%d (%s) gone: %d device(s) disconnected", domain.domid, name,
                      len(attached.devices))

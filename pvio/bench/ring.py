@@ -146,9 +146,10 @@ def _usage() -> dict[str, float]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_self() -> float:
+def _rusage() -> tuple[float, int, int]:
+    """(CPU seconds, voluntary, involuntary context switches) of this process."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime + ru.ru_stime, ru.ru_nvcsw, ru.ru_nivcsw
 
 
 def _cpu_of(pid: int) -> float:
@@ -229,7 +230,6 @@ class _Client:
                                  daemon=True)
         self.proc.start()
         stats_tx.close()
-        self._usage0, self._t0 = _usage(), time.perf_counter()
 
     def _stop(self) -> None:
         """Make the backend loop return (EOF, or a stop request)."""
@@ -239,10 +239,9 @@ class _Client:
         return {}
 
     def close(self) -> dict[str, Any]:
-        frontend = _usage_since(self._usage0, time.perf_counter() - self._t0)
-        frontend.update(self._extra())
+        """Stop the backend; returns {"frontend": ..., "backend": its lifetime stats}."""
+        stats: dict[str, Any] = {"frontend": self._extra()}
         self._stop()
-        stats: dict[str, Any] = {"frontend": frontend}
         if self.stats_rx.poll(10):
             with contextlib.suppress(EOFError):
                 stats["backend"] = self.stats_rx.recv()
@@ -545,7 +544,8 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
     req = tv[:REQ_SIZE]
     clients: dict[str, _Client] = {}
     acc = {t: {"requests": 0, "elapsed": 0.0, "recvs": 0, "rates": [], "rtts": [],
-               "wall": 0.0, "cpu_front": 0.0, "cpu_back": 0.0} for t in transports}
+               "wall": 0.0, "cpu_front": 0.0, "cpu_back": 0.0, "vcsw": 0, "ivcsw": 0}
+           for t in transports}
     slice_s = seconds / slices
     slice_warmup = min(0.05, slice_s / 4)
     # pvio pushes in chunks of ``chunk``; the alternatives send each refill in
@@ -565,7 +565,7 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
             for t in transports[r % len(transports):] + transports[: r % len(transports)]:
                 a = acc[t]
                 pid = clients[t].proc.pid
-                w0, f0, b0 = time.perf_counter(), _cpu_self(), _cpu_of(pid)
+                w0, ru0, b0 = time.perf_counter(), _rusage(), _cpu_of(pid)
                 if depth == 1:
                     n, el, calls = _latency_slice(clients[t], req, slice_warmup, slice_s,
                                                   a["rtts"])
@@ -573,7 +573,10 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
                     n, el, calls = _throughput_slice(clients[t], tv, depth, chunks[t],
                                                      slice_warmup, slice_s)
                 a["wall"] += time.perf_counter() - w0
-                a["cpu_front"] += _cpu_self() - f0
+                ru1 = _rusage()
+                a["cpu_front"] += ru1[0] - ru0[0]
+                a["vcsw"] += ru1[1] - ru0[1]
+                a["ivcsw"] += ru1[2] - ru0[2]
                 a["cpu_back"] += _cpu_of(pid) - b0
                 a["requests"] += n
                 a["elapsed"] += el
@@ -624,7 +627,11 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
         else:
             row["mean_us"] = depth / rate * 1e6  # Little's law
             row["responses_per_recv"] = a["requests"] / max(1, a["recvs"])
-        row.update(stats[t])
+        # The frontend's numbers cover its measured slices; the backend's its life.
+        row["frontend"] = {"cpu_s": a["cpu_front"], "voluntary_switches": a["vcsw"],
+                           "involuntary_switches": a["ivcsw"], **stats[t]["frontend"]}
+        if "backend" in stats[t]:
+            row["backend"] = stats[t]["backend"]
         rows.append(row)
         if progress:
             lat = f", p50 {row['p50_us']:.1f} µs, p99 {row['p99_us']:.1f} µs" \

@@ -15,7 +15,6 @@ Node layout (as libxl writes it)::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -215,12 +214,29 @@ class FrontendDevice:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Drive the handshake until the device is closed (or we are cancelled)."""
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
         while True:
             generation = self.session.generation
-            # OSError: the store connection died under us.
-            with contextlib.suppress(OSError, trio.BrokenResourceError):
-                await self._run_on_connection(task_status)
-            task_status = trio.TASK_STATUS_IGNORED
+            try:
+                await self._run_on_connection(mark_started)
+            except (OSError, trio.BrokenResourceError):
+                pass  # the store connection died under us
+            except (DeviceError, XenstoreError) as exc:
+                if not started:
+                    raise  # attach() fails with the reason
+                # This device cannot go on; the session and its other devices can.
+                log.warning("%s/%d: %s", self.driver.type, self.devid, exc)
+                self.status.last_error = str(exc)
+                await self.driver.detach()
+                self.status.state = S.Closed
+                break
             if self.status.state == S.Closed or not self.session.reconnect:
                 break
             # Connection lost: keep what the driver needs to resume.
@@ -240,14 +256,14 @@ class FrontendDevice:
             self.reconnections += 1
         self.closed.set()
 
-    async def _run_on_connection(self, task_status) -> None:
+    async def _run_on_connection(self, started) -> None:
         raw = await self.xs.read_or_none(f"{self.fe}/backend")
         if raw is None:
             raise DeviceError(f"{self.fe}: no backend node (device not offered?)")
         self.be = raw.decode()
         await self._set_state(S.Initialising)
         async with self.xs.watch(f"{self.be}/state") as events:
-            task_status.started()
+            started()
             async for _ in events:
                 await self.backend_changed()
                 if self.status.state == S.Closed:

@@ -17,6 +17,7 @@ for the console).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from pvio.ring import EventChannel, EventChannelTable, GrantError, GrantMapping
@@ -156,7 +157,13 @@ class RingBackendDriver:
 
     def _connect_queue(self, mapper, frontend: dict, prefix: str, order: int) -> QueueConnection:
         mappings: list[GrantMapping] = []
+        fds = None
         try:
+            key = prefix + self.layout.evtchn_key
+            port = _uint(frontend.get(key), key, 4095)
+            fds = self.domain.evtchn_fds.pop(port, None)
+            if fds is None:
+                raise DeviceError(f"event channel port {port} was not handed over")
             for area in self.layout.areas:
                 key = prefix + area.ref_key
                 if area.multi_page and order:
@@ -168,15 +175,13 @@ class RingBackendDriver:
                     mappings.append(mapper.map(refs, writable=True))
                 except GrantError as exc:
                     raise DeviceError(f"cannot map {key}: {exc}") from exc
-            key = prefix + self.layout.evtchn_key
-            port = _uint(frontend.get(key), key, 4095)
-            fds = self.domain.evtchn_fds.pop(port, None)
-            if fds is None:
-                raise DeviceError(f"event channel port {port} was not handed over")
             channel = self._evtchn.bind_interdomain(self.domain.domid, port, fds)
         except BaseException:
             for mapping in mappings:
                 mapping.close()
+            if fds is not None:  # a refused connect must not leave the port stuck
+                for fd in fds:
+                    os.close(fd)
             raise
         return QueueConnection(mappings, channel)
 

@@ -399,7 +399,13 @@ class XenstoreServer:
                 raise XenstoreError("EISCONN", f"dom{domain.domid} is already {domain.name}")
             if self.on_claim is None:
                 raise XenstoreError("ENOENT", "this store has no configured domains")
-            await self.on_claim(domain, name)
+            try:
+                await self.on_claim(domain, name)
+            except XenstoreError:
+                raise
+            except Exception as exc:  # a daemon bug must cost one claim, not the daemon
+                log.exception("dom%d: claim of %r failed", domain.domid, name)
+                raise XenstoreError("EIO", f"claim failed: {exc}") from exc
         except XenstoreError as exc:
             peer_log.info(f"claim:{client.cred.uid}", "%s: claim refused: %s", client, exc)
             self._queue(client, wire.error(msg, exc.name))
@@ -431,8 +437,10 @@ class XenstoreServer:
                 (port,) = wire.strings(msg.payload, 1)
                 if not port.isdigit() or not 0 < int(port) < 4096:
                     raise XenstoreError("EINVAL", f"bad port {port!r}")
-                if int(port) in domain.evtchn_fds:
-                    raise XenstoreError("EEXIST", f"port {port} already handed over")
+                old = domain.evtchn_fds.pop(int(port), None)
+                if old is not None:  # the guest reused an unbound port: replace it
+                    for fd in old:
+                        os.close(fd)
                 for fd in fds:
                     if not _is_eventfd(fd):
                         raise XenstoreError("EINVAL", "event channel fds must be eventfds")
@@ -443,6 +451,12 @@ class XenstoreServer:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until every client's queued replies and events are sent."""
+        with trio.move_on_after(timeout):
+            while any(c.send.statistics().current_buffer_used for c in self._clients):
+                await trio.sleep(0.01)
 
     async def aclose_domain(self, domid: int) -> None:
         """Disconnect a guest domain (e.g. after it broke a protocol)."""
