@@ -229,7 +229,7 @@ class Disk:
 
     def check_range(self, offset: int, length: int) -> None:
         size = self.front.size
-        if offset > size or offset + length > size:
+        if offset + length > size:
             raise BlkError(f"{offset}+{length} is past the end of {self.label} "
                            f"({size} bytes)")
 
@@ -264,12 +264,26 @@ async def open_disk(socket: str | None, domain: str = "guest", devid: int | None
             device, front = await _attach(session, domain, devid, ring_order, queues,
                                           timeout)
             disk = Disk(session, device, front, socket, domain)
+            # Without reconnect, requests in flight when the daemon dies would
+            # wait forever (blkfront is not told): stop the body instead.
+            lost, watcher = trio.CancelScope(), trio.CancelScope()
+            if not reconnect:
+                session._nursery.start_soon(_cancel_when_lost, session.xs, lost, watcher)
             try:
-                yield disk
+                with lost:
+                    yield disk
+                if lost.cancelled_caught:
+                    raise BlkError(f"lost the connection to the daemon at {socket} "
+                                   "(did `pvio serve` stop?) before the operation "
+                                   "completed")
             finally:
+                watcher.cancel()
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     try:
-                        await device.close()
+                        if session.xs.lost.is_set():
+                            await front.detach()  # no store to say Closing to
+                        else:
+                            await device.close()
                     except Exception as exc:  # the body's outcome matters more
                         log.warning("closing %s failed: %s", disk.label, exc)
     except BaseException as exc:
@@ -277,11 +291,17 @@ async def open_disk(socket: str | None, domain: str = "guest", devid: int | None
             raise
         leaf = _single_leaf(exc)
         if isinstance(leaf, ConnectionRefusedError):
-            raise BlkError(f"no pvio daemon is listening on {socket}: {_reason(leaf)} "
-                           "(start one with `pvio serve`, or pass --socket PATH)") from None
+            # open_client's message names the socket, the reason and the fix.
+            raise BlkError(f"no pvio daemon: {leaf}") from None
         if isinstance(leaf, XenstoreError):
             raise BlkError(_claim_error(leaf, domain, socket)) from None
         raise
+
+
+async def _cancel_when_lost(xs, lost: trio.CancelScope, watcher: trio.CancelScope) -> None:
+    with watcher:
+        await xs.lost.wait()
+        lost.cancel()
 
 
 async def _attach(session, domain: str, devid: int | None, ring_order: int, queues: int,
@@ -317,13 +337,6 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return str(exc)
-
-
 def _claim_error(exc, domain: str, socket: str) -> str:
     if exc.name == "EBUSY":
         return (f"domain {domain!r} is already attached by another session (one session "
@@ -353,6 +366,11 @@ def run(args) -> int:
         for leaf in leaves:
             if isinstance(leaf, KeyboardInterrupt):
                 return 130
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+            # The reader went away (`pvio blk read ... | head`): quiet, like cat.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         for leaf in leaves:
             message = _describe(leaf)
             if message is not None:
@@ -376,8 +394,6 @@ def _describe(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, BlkDeviceError):
         return f"I/O error: {exc}"
-    if isinstance(exc, BrokenPipeError):
-        return "output closed early (broken pipe)"
     if isinstance(exc, ConnectionError):
         return f"lost the daemon: {exc}"
     if isinstance(exc, OSError) and exc.strerror:

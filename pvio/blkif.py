@@ -147,7 +147,10 @@ def parse_request(raw: memoryview, feats: BackendFeatures) -> BlkRequest | BlkEr
             return BlkError(rid, op, BlkifRsp.ERROR, f"indirect_op {iop}")
         if iop == BlkifOp.WRITE and feats.readonly:
             return BlkError(rid, op, BlkifRsp.ERROR, "write to a read-only disk")
-        if not 1 <= nseg <= feats.max_indirect_segments:
+        cap = min(feats.max_indirect_segments,
+                  layouts.BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
+                  * layouts.BLKIF_SEGS_PER_INDIRECT_FRAME)
+        if not 1 <= nseg <= cap:
             return BlkError(rid, op, BlkifRsp.ERROR, f"{nseg} indirect segments")
         pages = -(-nseg // layouts.BLKIF_SEGS_PER_INDIRECT_FRAME)
         return BlkRequest(rid, op, iop, sector * feats.sector_size, 0,
@@ -157,7 +160,10 @@ def parse_request(raw: memoryview, feats: BackendFeatures) -> BlkRequest | BlkEr
 
 def finish_indirect(req: BlkRequest, seg_bytes: bytes, feats: BackendFeatures) -> BlkError | None:
     """Fill an indirect request's segments from its (privately copied) indirect pages."""
-    parsed = _segments(memoryview(seg_bytes)[: req.nr_indirect_segments * SEGMENT.size], feats)
+    need = req.nr_indirect_segments * SEGMENT.size
+    if len(seg_bytes) < need:
+        return BlkError(req.id, req.op, BlkifRsp.ERROR, "indirect pages too short")
+    parsed = _segments(memoryview(seg_bytes)[:need], feats)
     if isinstance(parsed, str):
         return BlkError(req.id, req.op, BlkifRsp.ERROR, parsed)
     req.segments, req.length = parsed

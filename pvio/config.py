@@ -20,8 +20,9 @@ Example (every key optional; this is the embedded default)::
       # sector_size = 4096                # needs a frontend with feature-large-sector-size
 
       [[domain.device]]
-      type = "console"
+      type = "console"                    # a pty; log in data_dir/console/<domain>-<devid>.log
       devid = 0
+      # limit = 1048576                   # bytes kept (head + tail) while nobody reads the pty
 
       [[domain.device]]
       type = "vif"                        # a port on the daemon's switch
@@ -115,7 +116,7 @@ def _uids(value, where: str) -> set[int] | None:
 _DEVICE_KEYS = {
     "vbd": {"image", "size", "mode", "sector_size"},
     "vif": {"mac"},
-    "console": set(),
+    "console": {"log", "limit"},
 }
 _DOMAIN_KEYS = {"name", "uids", "device"}
 
@@ -153,6 +154,10 @@ def _device(raw: dict, where: str) -> DeviceConfig:
             raise ConfigError(f"{where}: sector_size must be 512, 1024, 2048 or 4096")
         if opts["size"] % opts["sector_size"]:
             raise ConfigError(f"{where}: size must be a multiple of sector_size")
+    if dtype == "console":
+        limit = opts.setdefault("limit", 1 << 20)
+        if not isinstance(limit, int) or limit < 64:
+            raise ConfigError(f"{where}: limit must be an integer >= 64 (bytes)")
     if dtype == "vif":
         mac = str(opts.setdefault("mac", f"00:16:3e:00:00:{devid % 256:02x}")).lower()
         if not _MAC.match(mac):

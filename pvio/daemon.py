@@ -85,15 +85,26 @@ class Daemon:
 
     async def serve_until_signal(self) -> None:
         """Run until SIGINT/SIGTERM, then shut down gracefully."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.run)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.reopen_logs()
+                        continue
                     log.info("%s received: closing devices", signal.Signals(signum).name)
                     break
                 sd_notify("STOPPING=1")
                 await self.shutdown()
                 nursery.cancel_scope.cancel()
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: every console reopens its log file (logrotate's usual contract)."""
+        for device in self._all_devices():
+            reopen = getattr(device.driver, "reopen_log", None)
+            if reopen is not None:
+                reopen()
+        log.info("SIGHUP: console logs reopened")
 
     async def shutdown(self, frontend_timeout: float = 5.0) -> None:
         """Close every device: backend Closing, stop I/O, Closed; then give the
@@ -124,14 +135,19 @@ class Daemon:
 
     # -------------------------------------------------------------- domains
 
-    def _driver(self, domain: Domain, dev: DeviceConfig):
+    def _driver(self, domain: Domain, name: str, dev: DeviceConfig):
         if dev.type == "vbd":
             image = os.path.join(self.config.data_dir, dev.options["image"])
             ensure_image(image, dev.options["size"])
             return BlkBackend(domain, image, dev.options["mode"],
                               sector_size=dev.options["sector_size"])
         if dev.type == "console":
-            return ConsoleBackend(domain)
+            log_dir = os.path.join(self.config.data_dir, "console")
+            os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            log_path = dev.options.get("log") or os.path.join(
+                log_dir, f"{name}-{dev.devid}.log")
+            return ConsoleBackend(domain, log_path=log_path,
+                                  limit=dev.options.get("limit", 1 << 20))
         return NetBackend(domain, dev.options["mac"])
 
     async def _claim(self, domain: Domain, name: str) -> None:
@@ -150,7 +166,7 @@ class Daemon:
             for dev in dom_cfg.devices:
                 store = self.server.local_store(f"{dev.type}/{domain.domid}/{dev.devid}")
                 attached.stores.append(store)
-                driver = self._driver(domain, dev)
+                driver = self._driver(domain, name, dev)
                 device = BackendDevice(store, driver, domain.domid, dev.devid,
                                        driver.layout.frontend_keys)
                 await self._create_nodes(store, device, driver)
@@ -197,9 +213,9 @@ class Daemon:
         async for _path, _token in store.events:
             try:
                 await device.frontend_changed()
-            except Exception:  # a device bug must not take the daemon down
+            except Exception as exc:  # a device bug must not take the daemon down
                 log.exception("%s: handshake failed; closing it", device)
-                await device.driver.disconnect()
+                await device.fail(f"internal error: {exc}")
                 return
 
     STATISTICS_INTERVAL = 1.0

@@ -98,20 +98,19 @@ class BlkBackend(RingBackendDriver):
 
     def features(self) -> dict[str, str]:
         feats = super().features()
-        feats.update({
-            "feature-flush-cache": "1",
-            "feature-barrier": "1",
-            "feature-max-indirect-segments": str(self.max_indirect_segments),
-        })
-        if self.mode == "w":
-            feats.update({"feature-discard": "1", "discard-granularity": str(XEN_PAGE_SIZE),
+        if self.max_indirect_segments > 0:  # blkif.h: absent when not supported
+            feats["feature-max-indirect-segments"] = str(self.max_indirect_segments)
+        if self.mode == "w":  # nothing to flush, order or discard on a read-only disk
+            feats.update({"feature-flush-cache": "1", "feature-barrier": "1",
+                          "feature-discard": "1", "discard-granularity": str(XEN_PAGE_SIZE),
                           "discard-alignment": "0", "discard-secure": "0"})
         return feats
 
     def _features(self) -> BackendFeatures:
+        writable = self.mode == "w"
         return BackendFeatures(
             sectors=self.size // self.sector_size, sector_size=self.sector_size,
-            readonly=self.mode == "r", discard=self.mode == "w",
+            readonly=not writable, flush=writable, barrier=writable, discard=writable,
             max_indirect_segments=self.max_indirect_segments,
         )
 
@@ -267,8 +266,9 @@ class BlkBackend(RingBackendDriver):
         except GrantError as exc:
             for ref in mine:
                 mapper.unpin(ref, writable)
+            # str(exc): a kept exception would pin views of the guest's memory
             peer_log.info(f"grant:{self.domain.domid}", "vbd of dom%d: request %d: %s",
-                          self.domain.domid, req.id, exc)
+                          self.domain.domid, req.id, str(exc))
             return None
         pinned.extend((ref, writable) for ref in mine)
         return iov
@@ -299,7 +299,7 @@ class BlkBackend(RingBackendDriver):
                 out.append(BlkifRsp.OKAY)
             except OSError as exc:
                 log.warning("%s: I/O error at %d+%d: %s", self.image, req.offset,
-                            req.length, exc)
+                            req.length, str(exc))
                 out.append(BlkifRsp.ERROR)
         return out
 
@@ -310,7 +310,7 @@ class BlkBackend(RingBackendDriver):
             os.fdatasync(fd)
         except OSError as exc:
             log.error("%s: fdatasync failed (%s); every later flush fails until the "
-                      "device is reconnected", self.image, exc)
+                      "device is reconnected", self.image, str(exc))
             self.flush_failed = True
             return False
         return True

@@ -558,7 +558,7 @@ def _case_row(workload: str, system: str, wl: dict, acc: _Acc) -> dict[str, Any]
 
 async def _verify(dev, fd: int, size: int, name: str) -> None:
     """``dev`` reads what os.pread reads (a few blocks, aligned and odd sizes)."""
-    for offset, length in ((0, 4096), (size - 65536, 65536), (12345 * 512, 3 * 4096),
+    for offset, length in ((0, 4096), (size - 65536, 65536), (size // 3 // 512 * 512, 12288),
                            (size // 2, 131072)):
         buf = bytearray(length)
         await dev.readinto(offset, buf)
@@ -623,7 +623,7 @@ async def _run_all(*, image: str, size: int, daemon_sock: str | None, daemon_pid
                 if progress:
                     lat = (f", p50 {row['p50_us']:.1f} µs, p99 {row['p99_us']:.1f} µs"
                            if "p50_us" in row else "")
-                    progress(f"{workload:<13} {s:<7} Q={row['depth']:<3} "
+                    progress(f"{workload:<15} {s:<7} Q={row['depth']:<3} "
                              f"{row['ops_per_s']:>10,.0f} ops/s {row['mb_per_s']:>8,.1f} MB/s"
                              f"{lat}")
         if "pvio" in devs:
@@ -702,7 +702,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     cases = report["cases"]
     by = {(c["workload"], c["system"]): c for c in cases}
-    head = (f"{'workload':<13} {'system':<7} {'Q':>3} {'ops/s':>9} {'MB/s':>8} "
+    head = (f"{'workload':<15} {'system':<7} {'Q':>3} {'ops/s':>9} {'MB/s':>8} "
             f"{'mean µs':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPUs':>5}  "
             f"{'vs pread':>8} {'vs socket':>9}")
     lines = [head, "-" * len(head)]
@@ -717,7 +717,7 @@ def format_table(report: dict[str, Any]) -> str:
             vs.append(f"{c['ops_per_s'] / b['ops_per_s']:.2f}x"
                       if b and b is not c and b["ops_per_s"] else "-")
         lines.append(
-            f"{c['workload']:<13} {c['system']:<7} {c['depth']:>3} {c['ops_per_s']:>9,.0f} "
+            f"{c['workload']:<15} {c['system']:<7} {c['depth']:>3} {c['ops_per_s']:>9,.0f} "
             f"{c['mb_per_s']:>8,.1f} {_fmt(c.get('mean_us'), '8.1f'):>8} "
             f"{_fmt(c.get('p50_us'), '7.1f'):>7} {_fmt(c.get('p99_us'), '7.1f'):>7} "
             f"{c['cpu_client'] + c['cpu_server']:>5.2f}  {vs[0]:>8} {vs[1]:>9}")

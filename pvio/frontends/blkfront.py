@@ -94,6 +94,7 @@ class BlkFront(RingFrontendDriver):
         self._services: list[trio.CancelScope] = []
         self._online = trio.Event()
         self._seq = 0
+        self._rmw_locks: dict[int, trio.Lock] = {}
         self.stats = {"requests": 0, "bytes": 0, "notifications": 0, "resubmitted": 0,
                       "reconnects": 0}
 
@@ -322,14 +323,26 @@ class BlkFront(RingFrontendDriver):
         return min(segs, self._data_pages) * XEN_PAGE_SIZE
 
     async def _aligned_io(self, op: int, offset: int, view: memoryview) -> None:
-        """Sector-aligned read into / write from ``view``, split into requests."""
+        """Sector-aligned read into / write from ``view``, split into concurrent
+        requests; a failure is one plain BlkDeviceError, not an exception group."""
         chunk = self._max_request_bytes()
-        pos = 0
-        async with trio.open_nursery() as nursery:
-            while pos < len(view):
-                part = view[pos:pos + chunk]
-                nursery.start_soon(self._one_rw, op, offset + pos, part)
-                pos += len(part)
+        if not view:
+            return
+        if len(view) <= chunk:
+            await self._one_rw(op, offset, view)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for pos in range(0, len(view), chunk):
+                    nursery.start_soon(self._one_rw, op, offset + pos, view[pos:pos + chunk])
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(BlkDeviceError)
+            if rest is None and matched is not None:
+                first = matched
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from group
+            raise
 
     async def _one_rw(self, op: int, offset: int, part: memoryview) -> None:
         length = len(part)
@@ -383,17 +396,30 @@ class BlkFront(RingFrontendDriver):
         if start == offset and end == offset + len(view):
             await self._aligned_io(BlkifOp.WRITE, offset, view)
         else:
-            tmp = bytearray(end - start)
-            await self.readinto(start, memoryview(tmp)[:ss])
-            await self.readinto(end - ss, memoryview(tmp)[-ss:])
-            tmp[offset - start: offset - start + len(view)] = view
-            await self._aligned_io(BlkifOp.WRITE, start, memoryview(tmp))
+            # Read-modify-write of the edge sectors, serialised per sector so
+            # that concurrent small writes to one sector do not undo each other.
+            edges = sorted({start, end - ss})
+            locks = [self._rmw_locks.setdefault(sector, trio.Lock()) for sector in edges]
+            for lock in locks:
+                await lock.acquire()
+            try:
+                tmp = bytearray(end - start)
+                await self.readinto(start, memoryview(tmp)[:ss])
+                await self.readinto(end - ss, memoryview(tmp)[-ss:])
+                tmp[offset - start: offset - start + len(view)] = view
+                await self._aligned_io(BlkifOp.WRITE, start, memoryview(tmp))
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+                for sector, lock in zip(edges, locks, strict=True):
+                    if not lock.locked() and not lock.statistics().tasks_waiting:
+                        self._rmw_locks.pop(sector, None)
         return len(view)
 
     async def flush(self) -> None:
         """FLUSH_DISKCACHE: returns once the backend's fdatasync succeeded."""
-        if not self.features.get("feature-flush-cache"):
-            return  # no volatile cache advertised: nothing to flush
+        if self.readonly or not self.features.get("feature-flush-cache"):
+            return  # nothing written, or no volatile cache advertised: nothing to flush
         status = await self._submit(lambda slot: (bytes(_req_bytes(
             BlkifOp.FLUSH_DISKCACHE, 0, slot.id, 0)), BlkifOp.FLUSH_DISKCACHE))
         if status == BlkifRsp.EOPNOTSUPP:

@@ -34,7 +34,7 @@ import trio
 
 from pvio._log import RateLimitedLogger
 from pvio.layouts import XENSTORE_PAYLOAD_MAX
-from pvio.ring.errors import SharedMemoryError
+from pvio.ring.errors import LocalProtocolError, SharedMemoryError
 from pvio.ring.grant import GrantMapper
 from pvio.ring.shm import SharedMemory
 from pvio.xenbus import wire
@@ -93,8 +93,11 @@ class Domain:
         if self._mapper is not None:
             self._mapper.close()
             self._mapper = None
-        for shm in self.memory.values():
-            shm.close()
+        for kind, shm in self.memory.items():
+            try:
+                shm.close()
+            except LocalProtocolError as exc:  # still referenced: leak it, keep serving
+                log.error("dom%d: cannot unmap its %s yet: %s", self.domid, kind, exc)
         self.memory.clear()
         for fds in self.evtchn_fds.values():
             for fd in fds:

@@ -1,0 +1,201 @@
+"""The console protocol (io/console.h) as a trio stream, for both sides.
+
+A console is one ``xencons_interface`` page (``in`` 1024 bytes: backend to
+guest, ``out`` 2048 bytes: guest to backend) and one event channel, raised
+after every publish in either direction. :class:`ConsoleStream` turns the two
+byte rings and the channel into a ``trio.abc.HalfCloseableStream``:
+``send_all`` writes as much as fits and waits for the peer to make room,
+``receive_some`` waits for data. One pump task per stream turns event-channel
+wake-ups into wake-ups of the waiting senders and receivers, and caps how many
+*unproductive* wake-ups it honours per 200 ms (xenconsoled's budget: 30 per
+200 ms): a wake-up that moved fewer than ``PRODUCTIVE_BYTES`` bytes counts
+against the budget, one that moved a real batch does not. So a peer that
+notifies per byte (or for nothing) is throttled and costs bounded work, while
+bulk output streams at full speed; every console runs in its own tasks, so
+none starves another.
+
+Xen's console has no end-of-file message; ``send_eof`` sends what a terminal
+sends for end of input, Ctrl-D (0x04), then refuses further sends.
+
+A peer that publishes an impossible index (the "prod - cons larger than the
+buffer" check) breaks the stream: calls raise ``trio.BrokenResourceError``
+with the :class:`~pvio.ring.RingBrokenError` as its cause.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from pvio.ring import ByteRing, EventChannel, RingBrokenError
+
+EOT = b"\x04"
+RATE_EVENTS = 30  # xenconsoled: at most 30 events ...
+RATE_WINDOW = 0.2  # ... per 200 ms
+PRODUCTIVE_BYTES = 256  # a wake-up that moved at least this much is not a flood
+
+
+class ConsoleStream(trio.abc.HalfCloseableStream):
+    """A byte stream over a console's ``tx``/``rx`` byte rings and event channel."""
+
+    def __init__(self, tx: ByteRing, rx: ByteRing, channel: EventChannel, *,
+                 rate_events: int = RATE_EVENTS, rate_window: float = RATE_WINDOW) -> None:
+        self.tx = tx
+        self.rx = rx
+        self.channel = channel
+        self.rate_events = rate_events
+        self.rate_window = rate_window
+        self._changed = trio.Event()
+        self._closed = False
+        self._eof_sent = False
+        self._send_conflict = _OneAtATime("another task is already sending")
+        self._recv_conflict = _OneAtATime("another task is already receiving")
+        self.throttled = 0  # wake-ups delayed by the rate limit
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._moved = 0
+
+    async def pump(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run (in a nursery) for the stream's life: event channel -> waiters."""
+        window_start, events = time.monotonic(), 0
+        task_status.started()
+        while not self._closed:
+            await self.channel.wait()
+            now = time.monotonic()
+            if now - window_start >= self.rate_window:
+                window_start, events = now, 0
+            if self._moved < PRODUCTIVE_BYTES:
+                events += 1
+            self._moved = 0
+            if events > self.rate_events:
+                self.throttled += 1
+                await trio.sleep(window_start + self.rate_window - now)
+            self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _broken(self, exc: RingBrokenError) -> trio.BrokenResourceError:
+        err = trio.BrokenResourceError(f"console peer broke the protocol: {exc}")
+        err.__cause__ = exc
+        return err
+
+    async def send_all(self, data) -> None:
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("console stream is closed")
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called")
+            view = memoryview(data).cast("B")
+            while view:
+                changed = self._changed
+                try:
+                    n = self.tx.write(view)
+                except RingBrokenError as exc:
+                    raise self._broken(exc) from exc
+                if n:
+                    self.channel.notify()
+                    self.bytes_out += n
+                    self._moved += n
+                    view = view[n:]
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                else:
+                    await changed.wait()
+                if self._closed:
+                    raise trio.ClosedResourceError("console stream closed while sending")
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while not self._closed and self.tx.free() == 0:
+            await self._changed.wait()
+
+    async def send_eof(self) -> None:
+        if not self._eof_sent:
+            await self.send_all(EOT)
+            self._eof_sent = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._recv_conflict:
+            size = self.rx.size if max_bytes is None else max_bytes
+            if size < 1:
+                raise ValueError("max_bytes must be positive")
+            buf = bytearray(min(size, 65536))
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("console stream is closed")
+                changed = self._changed
+                try:
+                    n = self.rx.readinto(buf)
+                except RingBrokenError as exc:
+                    raise self._broken(exc) from exc
+                if n:
+                    self.channel.notify()  # room for the writer
+                    self.bytes_in += n
+                    self._moved += n
+                    await trio.lowlevel.checkpoint()
+                    return bytes(buf[:n])
+                await changed.wait()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._wake()
+        await trio.lowlevel.checkpoint()
+
+
+class _OneAtATime:
+    """trio's stream rule: one sender and one receiver at a time (BusyResourceError)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.held = False
+
+    def __enter__(self) -> None:
+        if self.held:
+            raise trio.BusyResourceError(self.message)
+        self.held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+
+
+class HeadTailBuffer:
+    """Bytes waiting for a reader, bounded: keeps the first and the last
+    ``limit // 2`` bytes and counts what it dropped in between (what
+    xenconsoled's buffer lacks: it loses the start of a crash)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+        self.total_dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def append(self, data: bytes) -> None:
+        half = self.limit // 2
+        if len(self.head) < half and not self.tail and not self.dropped:
+            take = min(half - len(self.head), len(data))
+            self.head += data[:take]
+            data = data[take:]
+        if not data:
+            return
+        self.tail += data
+        excess = len(self.tail) - (self.limit - len(self.head))
+        if excess > 0:
+            del self.tail[:excess]
+            self.dropped += excess
+            self.total_dropped += excess
+
+    def take(self) -> bytes:
+        """Everything buffered, with a marker where bytes were dropped; then empty."""
+        marker = (f"\r\n[pvio: {self.dropped} bytes dropped]\r\n".encode()
+                  if self.dropped else b"")
+        out = bytes(self.head) + marker + bytes(self.tail)
+        self.head.clear()
+        self.tail.clear()
+        self.dropped = 0
+        return out
