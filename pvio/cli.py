@@ -19,6 +19,8 @@ examples:
   pvio serve                      run the daemon (embedded default config)
   pvio serve --config pvio.toml   run the daemon with your devices
   pvio status                     domains, devices, states, negotiated features
+  pvio guest-console -- bash -i   run bash on the guest's console (a getty on hvc0)
+  pvio console guest              attach to that console (Ctrl-] detaches)
   XENSTORED_PATH=$(pvio sockets --admin) xenstore-ls   Xen's own tools work too
   pvio bench ring                 ring vs socketpair vs multiprocessing.Pipe
   pvio bench ring --json          the same, as one JSON object with 'ratios'
@@ -77,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
         "side negotiated. Then close the devices and stop.",
     )
     demo.add_argument("-v", "--verbose", action="count", default=0)
+
+    console = sub.add_parser(
+        "console",
+        help="attach to a domain's console (like `xl console`); Ctrl-] detaches",
+        description="Attach this terminal to the console of a connected domain: what the "
+        "guest writes appears here, what you type goes to the guest. The terminal is put "
+        "in raw mode and restored on exit. Ctrl-] detaches. Output written while nobody "
+        "was attached was logged and buffered by the daemon.",
+    )
+    _socket_args(console)
+    console.add_argument("domain", nargs="?", default="guest",
+                         help="domain name or domid (default: guest)")
+    console.add_argument("--devid", type=int, default=0, help="console number (default: 0)")
+
+    guest = sub.add_parser(
+        "guest-console",
+        help="run a program with its stdin/stdout/stderr on a console (a getty on hvc0)",
+        description="Open a frontend session as DOMAIN, attach its console and run COMMAND "
+        "on a terminal whose other end is that console, the way a guest runs a getty on "
+        "hvc0. Attach to it with `pvio console DOMAIN`. Exits with COMMAND's status.",
+        epilog="example: pvio guest-console -- bash -i",
+    )
+    _socket_args(guest)
+    guest.add_argument("--domain", default="guest", help="domain name to claim (default: guest)")
+    guest.add_argument("--devid", type=int, default=0, help="console number (default: 0)")
+    guest.add_argument("command_argv", nargs="*", metavar="-- COMMAND",
+                       help="the program to run, after --")
 
     sockets = sub.add_parser("sockets", help="print the default socket paths")
     _socket_args(sockets)
@@ -137,10 +166,21 @@ def _setup_logging(verbose: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "guest-console" in argv and "--" in argv:  # everything after -- is the program's
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if command:
+        args.command_argv = command
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("console", "guest-console"):
+        from pvio import _console_cli
+
+        return getattr(_console_cli, args.command.replace("-", "_"))(args)
     if args.command in ("serve", "status", "demo", "sockets"):
         from pvio import _commands
 

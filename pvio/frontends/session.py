@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
+from pvio._trio import unwrap_single
 from pvio.ring import EventChannelTable, GrantTable, LocalProtocolError, PagePool, SharedMemory
 from pvio.ring.shm import PAGE_SIZE
 from pvio.xenbus.client import XsClient, open_client
@@ -171,7 +172,7 @@ async def open_session(socket_path: str, name: str = "guest", *, pool_pages: int
     pool = PagePool(SharedMemory.create(pool_pages * PAGE_SIZE, name=f"pvio-{name}-pool"))
     gnttab = GrantTable.create(grant_entries, name=f"pvio-{name}-gnttab")
     try:
-        async with _single_errors(), trio.open_nursery() as nursery:
+        async with unwrap_single(), trio.open_nursery() as nursery:
             session = DomainSession(socket_path, name, pool, gnttab, nursery,
                                     reconnect=reconnect, recovery_timeout=recovery_timeout)
             await nursery.start(session._connection_loop)
@@ -187,26 +188,6 @@ async def open_session(socket_path: str, name: str = "guest", *, pool_pages: int
                 shm.close()
             except LocalProtocolError as exc:  # a device still holds it: leave it mapped
                 log.warning("%s", exc)
-
-
-@contextlib.asynccontextmanager
-async def _single_errors() -> AsyncIterator[None]:
-    """Let a lone error (a refused claim, an unreachable daemon) reach the caller
-    as itself rather than wrapped in nested exception groups."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1 and isinstance(leaves[0], Exception):
-            raise leaves[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 class BlockingSession:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from pvio._trio import unwrap_single
 from pvio.layouts import XSD_ERRORS
 from pvio.layouts import XsdSockmsgType as XS
 from pvio.xenbus import wire
@@ -206,7 +207,7 @@ async def open_client(path: str) -> AsyncIterator[XsClient]:
             "(is `pvio serve` running? pass --socket to point elsewhere)"
         ) from exc
     client = XsClient(sock)
-    async with trio.open_nursery() as nursery:
+    async with unwrap_single(), trio.open_nursery() as nursery:
         nursery.start_soon(client._reader)
         try:
             yield client
