@@ -106,6 +106,15 @@ def device_id(text: str) -> int:
 # ----------------------------------------------------------------- arguments
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions; keeps text with line breaks (examples) as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip("\n"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Build ``pvio blk``'s sub-commands on ``parser``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -127,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log the session and the handshake (-vv for debug)")
 
     sub = parser.add_subparsers(dest="blk", metavar="ACTION", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _HelpFormatter
 
     info = sub.add_parser(
         "info", parents=[common], formatter_class=fmt,
@@ -845,8 +854,9 @@ async def _export(args) -> int:
                     pyfuse3.close(unmount=True)
                     with trio.move_on_after(10):
                         await disk.front.flush()
-            why = f"{stopped_by} received" if stopped_by else "unmounted"
-            print(f"pvio blk export: {why}: flushed and unmounted {mountpoint} "
+            why = (f"{stopped_by} received: flushed and unmounted" if stopped_by
+                   else "unmounted by someone else: flushed")
+            print(f"pvio blk export: {why} {mountpoint} "
                   f"({fs.stats['reads']} reads, {fs.stats['writes']} writes, "
                   f"{fs.stats['fsyncs']} fsyncs)", file=sys.stderr, flush=True)
     return 0

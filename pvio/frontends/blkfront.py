@@ -58,8 +58,8 @@ def _num(raw: bytes | None, default: int = 0) -> int:
 
 
 class _Slot:
-    __slots__ = ("done", "frame", "id", "indirect_frame", "indirect_ref", "op", "queue",
-                 "refs", "request", "seq", "status")
+    __slots__ = ("abandoned", "done", "frame", "id", "indirect_frame", "indirect_ref", "op",
+                 "queue", "refs", "request", "seq", "status")
 
     def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int]) -> None:
         self.id = sid
@@ -72,6 +72,7 @@ class _Slot:
         self.request = b""  # the shadow: resubmitted as-is after a reconnect
         self.seq = 0
         self.queue = 0
+        self.abandoned = False  # its caller was cancelled; the backend still owns it
 
 
 class BlkFront(RingFrontendDriver):
@@ -218,8 +219,14 @@ class BlkFront(RingFrontendDriver):
             if slot.op >= 0 and not slot.done.is_set():
                 slot.status = BlkifRsp.ERROR
                 slot.done.set()
+                if slot.abandoned:
+                    self._release_slot(slot)
         if self.error is None and reason != "device detached":
             self.error = reason
+
+    def fail(self, reason: str) -> None:
+        """Disable the device: pending and later calls get BlkDeviceError(reason)."""
+        self._fail_all(reason)
 
     async def _responses(self, scope: trio.CancelScope, queue: int) -> None:
         ring, channel = self.rings[queue], self.queues[queue].channel
@@ -249,6 +256,8 @@ class BlkFront(RingFrontendDriver):
                         return
                     slot.status = status
                     slot.done.set()
+                    if slot.abandoned:
+                        self._release_slot(slot)
 
     # ---------------------------------------------------------- submission
 
@@ -262,7 +271,9 @@ class BlkFront(RingFrontendDriver):
         """Take a slot, let ``build(slot)`` return (request bytes, op), wait for the
         answer; on success ``complete(slot)`` runs before the slot is reused."""
         self._check()
-        async with self._sem:
+        await self._sem.acquire()
+        slot: _Slot | None = None
+        try:
             if not self._online.is_set():
                 with trio.move_on_after(self.session.recovery_timeout):
                     await self._online.wait()
@@ -270,26 +281,37 @@ class BlkFront(RingFrontendDriver):
             if self.ring is None:
                 raise BlkDeviceError("vbd is not connected")
             slot = self._free.pop()
-            try:
-                slot.request, op = build(slot)
-                self._seq += 1
-                slot.seq = self._seq
-                slot.done = trio.Event()
-                slot.status = 0
-                slot.op = op
-                put, notify = self.rings[slot.queue].produce(slot.request)
-                assert put == 1
-                if notify:
-                    self.queues[slot.queue].channel.notify()
-                    self.stats["notifications"] += 1
-                await slot.done.wait()
-                self.stats["requests"] += 1
-                if complete is not None and slot.status == BlkifRsp.OKAY:
-                    complete(slot)
-                return slot.status
-            finally:
-                slot.op = -1
-                self._free.append(slot)
+            slot.request, op = build(slot)
+            self._seq += 1
+            slot.seq = self._seq
+            slot.done = trio.Event()
+            slot.status = 0
+            slot.op = op
+            put, notify = self.rings[slot.queue].produce(slot.request)
+            assert put == 1
+            if notify:
+                self.queues[slot.queue].channel.notify()
+                self.stats["notifications"] += 1
+            await slot.done.wait()
+            self.stats["requests"] += 1
+            if complete is not None and slot.status == BlkifRsp.OKAY:
+                complete(slot)
+            return slot.status
+        finally:
+            if slot is None:
+                self._sem.release()
+            elif slot.op < 0 or slot.done.is_set():
+                self._release_slot(slot)
+            else:
+                # Cancelled while the backend holds the request: the slot (and
+                # its permit) is freed when the answer arrives, not before.
+                slot.abandoned = True
+
+    def _release_slot(self, slot: _Slot) -> None:
+        slot.op = -1
+        slot.abandoned = False
+        self._free.append(slot)
+        self._sem.release()
 
     def _pages(self, slot: _Slot, npages: int) -> memoryview:
         return self.session.pool.shm.page(slot.frame, npages)
@@ -357,8 +379,9 @@ class BlkFront(RingFrontendDriver):
 
         status = await self._submit(build, copy_out if op == BlkifOp.READ else None)
         if status != BlkifRsp.OKAY:
+            why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
             raise BlkDeviceError(f"{'read' if op == 0 else 'write'} at {offset}+{length}: "
-                                 f"backend status {status}")
+                                 f"{why}")
         self.stats["bytes"] += length
 
     def _bounds(self, offset: int, length: int) -> None:

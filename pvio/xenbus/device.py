@@ -237,7 +237,17 @@ class FrontendDevice:
                 await self.driver.detach()
                 self.status.state = S.Closed
                 break
-            if self.status.state == S.Closed or not self.session.reconnect:
+            if self.status.state == S.Closed:
+                break
+            if not self.session.reconnect:
+                # The daemon is gone and we will not wait for it: fail what is
+                # pending instead of leaving callers waiting forever.
+                fail = getattr(self.driver, "fail", None)
+                if fail is not None:
+                    fail("lost the connection to the pvio daemon")
+                self.status.last_error = "lost the connection to the pvio daemon"
+                await self.driver.detach()
+                self.status.state = S.Closed
                 break
             # Connection lost: keep what the driver needs to resume.
             self.connected = trio.Event()
