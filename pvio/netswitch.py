@@ -1,0 +1,108 @@
+"""A learning L2 switch, sans-I/O: the heart of pvio's network backend.
+
+Frames come in on a port; the switch learns the source MAC on that port (with
+aging), then forwards to the port that owns the destination MAC, or floods
+broadcast, multicast and unknown destinations to every other port. Each port
+has a bounded queue of frames waiting for its consumer: a consumer that stops
+reading loses frames (counted in ``dropped``), never the daemon's memory
+(XSA-392/424: a hard per-queue cap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+BROADCAST = b"\xff" * 6
+
+
+@dataclass
+class PortStats:
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    dropped: int = 0  # frames lost because the port's queue was full
+    runts: int = 0  # frames shorter than an Ethernet header
+
+
+@dataclass(eq=False)
+class Port:
+    name: str
+    capacity: int
+    queue: deque = field(default_factory=deque)
+    stats: PortStats = field(default_factory=PortStats)
+    on_ready: Callable[[], None] | None = None  # called when the queue becomes non-empty
+
+    def enqueue(self, frame: bytes) -> bool:
+        if len(self.queue) >= self.capacity:
+            self.stats.dropped += 1
+            return False
+        self.queue.append(frame)
+        self.stats.tx_frames += 1
+        self.stats.tx_bytes += len(frame)
+        if len(self.queue) == 1 and self.on_ready is not None:
+            self.on_ready()
+        return True
+
+    def take(self, max_frames: int) -> list[bytes]:
+        out = []
+        while self.queue and len(out) < max_frames:
+            out.append(self.queue.popleft())
+        return out
+
+
+class Switch:
+    def __init__(self, *, aging: float = 300.0, queue_frames: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.aging = aging
+        self.queue_frames = queue_frames
+        self.clock = clock
+        self.ports: dict[str, Port] = {}
+        self._fdb: dict[bytes, tuple[Port, float]] = {}
+
+    def add_port(self, name: str, capacity: int | None = None) -> Port:
+        if name in self.ports:
+            raise ValueError(f"port {name!r} exists")
+        port = Port(name, capacity or self.queue_frames)
+        self.ports[name] = port
+        return port
+
+    def remove_port(self, port: Port) -> None:
+        self.ports.pop(port.name, None)
+        self._fdb = {mac: entry for mac, entry in self._fdb.items() if entry[0] is not port}
+
+    def lookup(self, mac: bytes) -> Port | None:
+        entry = self._fdb.get(mac)
+        if entry is None:
+            return None
+        port, seen = entry
+        if self.clock() - seen > self.aging:
+            del self._fdb[mac]
+            return None
+        return port
+
+    def forward(self, ingress: Port, frame: bytes) -> list[Port]:
+        """Switch one frame; returns the ports it was queued on."""
+        ingress.stats.rx_frames += 1
+        ingress.stats.rx_bytes += len(frame)
+        if len(frame) < 14:
+            ingress.stats.runts += 1
+            return []
+        dst, src = frame[:6], frame[6:12]
+        if not src[0] & 1:  # never learn a multicast source
+            self._fdb[bytes(src)] = (ingress, self.clock())
+        target = None if dst[0] & 1 else self.lookup(bytes(dst))
+        if target is not None:
+            targets = [] if target is ingress else [target]
+        else:
+            targets = [p for p in self.ports.values() if p is not ingress]
+        return [p for p in targets if p.enqueue(frame)]
+
+    def fdb(self) -> dict[str, str]:
+        """The learned table (MAC -> port name), aged entries excluded."""
+        now = self.clock()
+        return {mac.hex(":"): port.name for mac, (port, seen) in self._fdb.items()
+                if now - seen <= self.aging}
