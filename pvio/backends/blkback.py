@@ -255,14 +255,18 @@ class BlkBackend(RingBackendDriver):
         """Pin each segment's grant and return the I/O vector into the pool."""
         writable = req.kind == BlkifOp.READ  # a read writes into the guest's page
         mine: list[int] = []
-        iov = []
+        spans: list[list[int]] = []  # [start, end) byte ranges in the pool
+        ss = self.sector_size
         try:
             for seg in req.segments:
                 frame = mapper.pin(seg.gref, writable)
                 mine.append(seg.gref)
-                start = frame * XEN_PAGE_SIZE + seg.first_sect * self.sector_size
-                iov.append(pool[start:frame * XEN_PAGE_SIZE + (seg.last_sect + 1)
-                                * self.sector_size])
+                start = frame * XEN_PAGE_SIZE + seg.first_sect * ss
+                end = frame * XEN_PAGE_SIZE + (seg.last_sect + 1) * ss
+                if spans and spans[-1][1] == start:
+                    spans[-1][1] = end  # contiguous with the previous segment: one iovec
+                else:
+                    spans.append([start, end])
         except GrantError as exc:
             for ref in mine:
                 mapper.unpin(ref, writable)
@@ -271,7 +275,7 @@ class BlkBackend(RingBackendDriver):
                           self.domain.domid, req.id, str(exc))
             return None
         pinned.extend((ref, writable) for ref in mine)
-        return iov
+        return [pool[start:end] for start, end in spans]
 
     def _io(self, plans: list) -> list[int]:
         """Worker thread: the batch's file I/O, in order."""
