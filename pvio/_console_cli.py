@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -16,6 +17,7 @@ import tty
 import trio
 
 from pvio import config as cfg
+from pvio._trio import unwrap_single
 
 ESCAPE = 0x1D  # Ctrl-]
 
@@ -101,6 +103,36 @@ def guest_console(args) -> int:
         return 1
 
 
+async def _relay_program(stream, master: int) -> None:
+    """Console <-> the program's terminal, until the program exits (EIO on the master)."""
+    async with unwrap_single(), trio.open_nursery() as nursery:
+
+        async def console_to_program() -> None:
+            while True:
+                data = await stream.receive_some(4096)
+                view = memoryview(data)
+                while view:
+                    await trio.lowlevel.wait_writable(master)
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(master, view):]
+
+        nursery.start_soon(console_to_program)
+        while True:
+            await trio.lowlevel.wait_readable(master)
+            try:
+                data = os.read(master, 4096)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    break
+                raise
+            if not data:
+                break
+            await stream.send_all(data)
+        nursery.cancel_scope.cancel()
+
+
 def _make_controlling_tty() -> None:  # runs in the child, between fork and exec
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -126,31 +158,15 @@ async def _guest_console(socket_path: str, domain: str, devid: int, command: lis
             return 127
         os.close(slave)
         os.set_blocking(master, False)
-        async with trio.open_nursery() as nursery:
-
-            async def console_to_program() -> None:
-                while True:
-                    data = await stream.receive_some(4096)
-                    view = memoryview(data)
-                    while view:
-                        await trio.lowlevel.wait_writable(master)
-                        with contextlib.suppress(BlockingIOError):
-                            view = view[os.write(master, view):]
-
-            nursery.start_soon(console_to_program)
-            while True:  # program -> console, until it exits (EIO on the master)
-                await trio.lowlevel.wait_readable(master)
-                try:
-                    data = os.read(master, 4096)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EIO:
-                        break
-                    raise
-                if not data:
-                    break
-                await stream.send_all(data)
-            nursery.cancel_scope.cancel()
-        os.close(master)
+        try:
+            await _relay_program(stream, master)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # The daemon went away (or broke the console): hang up the program.
+            print(f"pvio guest-console: console lost ({exc}); hanging up {command[0]}",
+                  file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGHUP)
+        finally:
+            os.close(master)
+            del stream  # the rings pin the guest memory; let the session unmap it
         return await trio.to_thread.run_sync(proc.wait)

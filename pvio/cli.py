@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     from pvio.bench import block as bench_block
+    from pvio.bench import console as bench_console
     from pvio.bench import ring as bench_ring
 
     bench_ring.add_arguments(
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
             "block",
             help="a pvio disk vs in-process os.pread and a Unix-socket block server",
             description=bench_block.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    bench_console.add_arguments(
+        bench_sub.add_parser(
+            "console",
+            help="console throughput and echo latency vs a plain pty pair and a socketpair",
+            description=bench_console.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -194,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             from pvio.bench import block as bench_block
 
             return bench_block.run(args)
+        if args.bench == "console":
+            from pvio.bench import console as bench_console
+
+            return bench_console.run(args)
         from pvio.bench import ring as bench_ring
 
         return bench_ring.run(args)

@@ -7,12 +7,12 @@ byte rings and the channel into a ``trio.abc.HalfCloseableStream``:
 ``send_all`` writes as much as fits and waits for the peer to make room,
 ``receive_some`` waits for data. One pump task per stream turns event-channel
 wake-ups into wake-ups of the waiting senders and receivers, and caps how many
-*unproductive* wake-ups it honours per 200 ms (xenconsoled's budget: 30 per
-200 ms): a wake-up that moved fewer than ``PRODUCTIVE_BYTES`` bytes counts
-against the budget, one that moved a real batch does not. So a peer that
-notifies per byte (or for nothing) is throttled and costs bounded work, while
-bulk output streams at full speed; every console runs in its own tasks, so
-none starves another.
+*spurious* wake-ups it honours per 200 ms (xenconsoled's budget: 30 per 200
+ms): a wake-up after which neither of the peer's indices moved counts against
+the budget (hardening.md #7: wake-ups with no work). So a peer that notifies
+for nothing is throttled and costs bounded work, while real traffic, however
+chatty, flows at full speed; every console runs in its own tasks, so none
+starves another.
 
 Xen's console has no end-of-file message; ``send_eof`` sends what a terminal
 sends for end of input, Ctrl-D (0x04), then refuses further sends.
@@ -33,7 +33,6 @@ from pvio.ring import ByteRing, EventChannel, RingBrokenError
 EOT = b"\x04"
 RATE_EVENTS = 30  # xenconsoled: at most 30 events ...
 RATE_WINDOW = 0.2  # ... per 200 ms
-PRODUCTIVE_BYTES = 256  # a wake-up that moved at least this much is not a flood
 
 
 class ConsoleStream(trio.abc.HalfCloseableStream):
@@ -54,20 +53,21 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
         self.throttled = 0  # wake-ups delayed by the rate limit
         self.bytes_in = 0
         self.bytes_out = 0
-        self._moved = 0
 
     async def pump(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run (in a nursery) for the stream's life: event channel -> waiters."""
         window_start, events = time.monotonic(), 0
+        seen = (self.rx.peer_index, self.tx.peer_index)
         task_status.started()
         while not self._closed:
             await self.channel.wait()
             now = time.monotonic()
             if now - window_start >= self.rate_window:
                 window_start, events = now, 0
-            if self._moved < PRODUCTIVE_BYTES:
-                events += 1
-            self._moved = 0
+            current = (self.rx.peer_index, self.tx.peer_index)
+            if current == seen:
+                events += 1  # the peer moved nothing: a spurious wake-up
+            seen = current
             if events > self.rate_events:
                 self.throttled += 1
                 await trio.sleep(window_start + self.rate_window - now)
@@ -98,7 +98,6 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
                 if n:
                     self.channel.notify()
                     self.bytes_out += n
-                    self._moved += n
                     view = view[n:]
                     await trio.lowlevel.checkpoint_if_cancelled()
                 else:
@@ -108,13 +107,25 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
-        while not self._closed and self.tx.free() == 0:
-            await self._changed.wait()
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("console stream is closed")
+                changed = self._changed
+                try:
+                    if self.tx.free():
+                        return
+                except RingBrokenError as exc:
+                    raise self._broken(exc) from exc
+                await changed.wait()
 
     async def send_eof(self) -> None:
-        if not self._eof_sent:
-            await self.send_all(EOT)
-            self._eof_sent = True
+        if self._eof_sent:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.send_all(EOT)
+        self._eof_sent = True
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._recv_conflict:
@@ -122,6 +133,7 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
             if size < 1:
                 raise ValueError("max_bytes must be positive")
             buf = bytearray(min(size, 65536))
+            await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("console stream is closed")
@@ -133,8 +145,8 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
                 if n:
                     self.channel.notify()  # room for the writer
                     self.bytes_in += n
-                    self._moved += n
-                    await trio.lowlevel.checkpoint()
+                    # The bytes are consumed: no cancellation may lose them now.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return bytes(buf[:n])
                 await changed.wait()
 

@@ -81,6 +81,7 @@ class ConsoleBackend(RingBackendDriver):
         self._master = -1
         self._slave = -1
         self._scope: trio.CancelScope | None = None
+        self._buffered = trio.Event()
         self._stopped = trio.Event()
         self._stopped.set()
 
@@ -113,45 +114,46 @@ class ConsoleBackend(RingBackendDriver):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.stream.pump)
                     nursery.start_soon(self._guest_to_pty)
+                    nursery.start_soon(self._drain_to_pty)
                     nursery.start_soon(self._pty_to_guest)
                     task_status.started()
-        except trio.BrokenResourceError as exc:
+        except* (trio.BrokenResourceError, OSError) as group:
+            reason = "; ".join(str(exc) for exc in group.exceptions)
             peer_log.warning(f"console:{self.domain.domid}", "console of dom%d: %s; "
-                             "disconnecting it", self.domain.domid, exc)
+                             "disconnecting it", self.domain.domid, reason)
             if self.on_failure is not None:
-                self.nursery.start_soon(self.on_failure, str(exc))
+                self.nursery.start_soon(self.on_failure, reason)
         finally:
             self._stopped.set()
 
     async def _guest_to_pty(self) -> None:
-        """Everything the guest writes: into the log at once, and to the pty as
-        fast as a reader takes it; the rest waits in the bounded buffer."""
+        """Everything the guest writes goes into the log at once and into the
+        bounded buffer; the drain task moves it to the pty as fast as a reader
+        takes it. The guest is never slowed down by an absent reader."""
         while True:
             data = await self.stream.receive_some()
             if self.log is not None:
                 self.log.write(data)
             self.buffer.append(data)
-            self._flush_to_pty()
-            while len(self.buffer):
-                # Nobody is reading the pty: keep capturing, retry when it drains.
-                with trio.move_on_after(0.05):
-                    await trio.lowlevel.wait_writable(self._master)
-                    self._flush_to_pty()
-                if len(self.buffer):
-                    break
+            self._buffered.set()
 
-    def _flush_to_pty(self) -> None:
-        pending = self.buffer.take()
-        try:
-            n = os.write(self._master, pending)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            n = 0
-        if n < len(pending):
-            self.buffer.append(pending[n:])
+    async def _drain_to_pty(self) -> None:
+        pending = b""  # taken from the buffer, not yet accepted by the pty
+        while True:
+            if not pending:
+                if not len(self.buffer):
+                    self._buffered = trio.Event()
+                    await self._buffered.wait()
+                pending = self.buffer.take()
+            await trio.lowlevel.wait_writable(self._master)
+            try:
+                pending = pending[os.write(self._master, pending):]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                await trio.sleep(0.05)  # no reader on the other side yet
 
     async def _pty_to_guest(self) -> None:
         """What the operator types on the pty goes to the guest's input ring."""

@@ -49,6 +49,12 @@ class ByteRing:
         return self._b.error != 0
 
     @property
+    def peer_index(self) -> int:
+        """The peer's index as it is in shared memory now (a hint, e.g. to tell
+        a wake-up that moved data from a spurious one; never trusted for access)."""
+        return (self._b.cons if self.writer else self._b.prod)[0]
+
+    @property
     def index(self) -> int:
         """Our own free-running index (prod for the writer, cons for the reader)."""
         return self._b.pvt
