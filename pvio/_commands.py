@@ -74,6 +74,7 @@ async def _demo() -> int:
     from pvio import _status
     from pvio.daemon import Daemon
     from pvio.frontends.blkfront import BLK_KEYS, BlkFront
+    from pvio.frontends.console import ConsoleFront
     from pvio.frontends.session import open_session
     from pvio.xenbus.client import open_client
 
@@ -89,11 +90,14 @@ async def _demo() -> int:
                 print(f"   -> we are dom{session.domid}; the daemon offers: "
                       + ", ".join(f"{d.type}/{d.devid}" for d in offered))
                 print("3. attaching every device (XenbusState handshake on both sides)")
-                devices, disk = [], None
+                devices, disk, console = [], None, None
                 for dev in offered:
                     if dev.type == "vbd":
                         disk = BlkFront(session)
                         devices.append(await session.attach(disk, dev.devid, BLK_KEYS))
+                    elif dev.type == "console" and console is None:
+                        console = ConsoleFront(session)
+                        devices.append(await session.attach(console, dev.devid))
                     else:
                         driver = session.driver_for(dev)
                         devices.append(await session.attach(driver, dev.devid))
@@ -113,6 +117,15 @@ async def _demo() -> int:
                     print(f"   vbd: {disk.size >> 20} MiB disk; wrote 1 MiB at 4096, flushed, "
                           f"read it back: {'identical' if same else 'MISMATCH'} "
                           f"({disk.stats['requests']} requests, ring of {disk.ring.nr_ents})")
+                if console is not None and console.stream is not None:
+                    await console.stream.send_all(b"hello from the guest's hvc0\n")
+                    log_path = os.path.join(config.data_dir, "console", "guest-0.log")
+                    with trio.move_on_after(5):
+                        while not os.path.exists(log_path) or not os.path.getsize(log_path):
+                            await trio.sleep(0.02)
+                    with open(log_path, "rb") as log_file:
+                        logged = log_file.read().decode(errors="replace").strip()
+                    print(f"   console: wrote a line on hvc0; the daemon's log has: {logged}")
                 await trio.sleep(1.1)  # the daemon publishes statistics once a second
                 print("4. the store as `pvio status` sees it (admin socket):")
                 async with open_client(config.admin_socket) as xs:

@@ -183,6 +183,9 @@ class ConsoleBackend(RingBackendDriver):
         if self.stream is not None:
             await self.stream.aclose()
             self.stream = None
+        if self.log is not None:  # reopened (appending) if the frontend reconnects
+            self.log.close()
+            self.log = None
 
     def statistics(self) -> dict[str, int]:
         stream = self.stream
