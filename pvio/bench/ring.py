@@ -22,7 +22,7 @@ bytes cross the process boundary differs:
 At queue depth 1 every round trip is timed (p50/p99). At higher depths
 requests/s are counted; pvio pushes in chunks of --chunk so that both
 processes work at once, the others send each refill in one call (their
-fastest). All transports of a depth run side by side, in interleaved time
+fastest overall). All transports of a depth run side by side, in interleaved time
 slices, so background load hits them alike; the table gives ratios against
 the socketpair, which drift much less than absolute numbers.
 
@@ -473,15 +473,15 @@ def _latency_slice(client, req: memoryview, warmup: float, seconds: float,
         recv()
         t1 = clock()
     first, n0 = t1, len(rtts)
-    rsp = None
-    while t1 < end:
+    while True:  # at least one measured round trip
         t0 = clock()
         send(req)
         rsp = recv()
         t1 = clock()
         record(t1 - t0)
-    if rsp is not None:
-        _check_last(rsp, 0)
+        if t1 >= end:
+            break
+    _check_last(rsp, 0)
     n = len(rtts) - n0
     return n, (t1 - first) / 1e9, n
 
@@ -549,7 +549,7 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
     slice_s = seconds / slices
     slice_warmup = min(0.05, slice_s / 4)
     # pvio pushes in chunks of ``chunk``; the alternatives send each refill in
-    # one call unless ``alt_chunk`` says otherwise (splitting only slows them).
+    # one call (their fastest overall) unless ``alt_chunk`` says otherwise.
     chunks = {t: chunk if t.startswith("pvio") else (alt_chunk or depth) for t in transports}
     try:
         for t in transports:
@@ -581,7 +581,7 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
                 a["requests"] += n
                 a["elapsed"] += el
                 a["recvs"] += calls
-                a["rates"].append(n / el)
+                a["rates"].append(n / el if el > 0 else 0.0)
     finally:
         gc.unfreeze()
         # Newest first: a backend forked later holds (by inheritance) the
@@ -591,7 +591,7 @@ def run_depth(depth: int, transports: Sequence[str], *, seconds: float, warmup: 
     rows = []
     for t in transports:
         a = acc[t]
-        rate = a["requests"] / a["elapsed"]
+        rate = a["requests"] / a["elapsed"] if a["elapsed"] > 0 else 0.0
         row: dict[str, Any] = {
             "transport": t,
             "depth": depth,
@@ -900,8 +900,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alt-chunk", type=int, default=0, metavar="N",
         help="the same for the socketpair and mp.Pipe frontends (one sendall/send_bytes "
-        "each); 0, the default, sends each refill in one call, which is never slower "
-        "for them")
+        "each); 0, the default, sends each refill in one call, their fastest overall")
     parser.add_argument(
         "--transports", type=_transports, default=list(TRANSPORTS), metavar="T,T,...",
         help=f"which transports to run (default: {','.join(TRANSPORTS)}); ratios need "

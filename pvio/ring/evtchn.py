@@ -54,6 +54,8 @@ class EventChannel:
         self.sent = 0
         self.received = 0
         self._closed = False
+        self._poller = select.poll()  # registered once: waits are on the hot path
+        self._poller.register(local_fd, select.POLLIN)
 
     def notify(self) -> None:
         """``EVTCHNOP_send``: raise the remote end (coalesces with pending events)."""
@@ -75,17 +77,17 @@ class EventChannel:
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Block until an event is pending (and clear it); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.local_fd, select.POLLIN)
+        if timeout is None:
+            while True:
+                self._poller.poll()
+                if self.consume():
+                    return True
+        deadline = time.monotonic() + timeout
         while not self.consume():
-            if deadline is None:
-                poller.poll()
-                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            poller.poll(max(1, int(remaining * 1000)))
+            self._poller.poll(max(1, int(remaining * 1000)))
         return True
 
     async def wait(self) -> None:

@@ -132,6 +132,11 @@ class _RingEnd:
         self._staging_ptr = ffi.from_buffer("uint8_t[]", self._staging)
         self._staging_view = memoryview(self._staging)
 
+    def release(self) -> None:
+        """Drop this end's hold on the shared memory (so it can be unmapped);
+        the ring end is unusable afterwards."""
+        ffi.release(self._keep)
+
     @property
     def nr_ents(self) -> int:
         """``RING_SIZE``: slots in the ring (a power of two)."""
