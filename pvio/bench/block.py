@@ -59,6 +59,7 @@ from typing import Any
 
 import trio
 
+from pvio.bench._common import BenchError, choices, positive
 from pvio.bench.ring import _machine, _proc_stat
 
 SYSTEMS = ("pvio", "socket", "pread")
@@ -73,10 +74,6 @@ _READ, _WRITE = 0, 1
 # answer id, status (0 or -errno), length (+ length bytes for a read).
 SOCK_REQ = struct.Struct("<IB3xQI")
 SOCK_RSP = struct.Struct("<IiI")
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (a process did not start, data mismatch)."""
 
 
 # ------------------------------------------------------------ workloads
@@ -820,18 +817,6 @@ def run_benchmark(
 # ------------------------------------------------------------------ entry
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-        return value
-    return parse
-
-
 def _size(text: str) -> int:
     from pvio.config import ConfigError, parse_size
 
@@ -844,26 +829,15 @@ def _size(text: str) -> int:
     return value
 
 
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in values if x not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f"unknown value(s) {', '.join(bad) or text!r}; choose from {', '.join(allowed)}")
-        return values
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--seconds", type=_positive(float), default=2.0, metavar="S",
+        "--seconds", type=positive(float), default=2.0, metavar="S",
         help="measured time per workload and system, excluding warm-ups (default: 2)")
     parser.add_argument(
         "--warmup", type=float, default=0.2, metavar="S",
         help="unmeasured warm-up of each case before its first slice (default: 0.2)")
     parser.add_argument(
-        "--slices", type=_positive(int), default=4, metavar="N",
+        "--slices", type=positive(int), default=4, metavar="N",
         help="split each case's measured time into N slices, interleaved with the other "
         "systems' slices of the same workload (default: 4)")
     parser.add_argument(
@@ -871,14 +845,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image size, e.g. 64M, 1G; pre-filled, so it must fit in the page cache "
         "(default: 256M)")
     parser.add_argument(
-        "--seq-depth", type=_positive(int), default=DEFAULT_SEQ_DEPTH, metavar="Q",
+        "--seq-depth", type=positive(int), default=DEFAULT_SEQ_DEPTH, metavar="Q",
         help="requests in flight in the seq64k_read and seq64k_write workloads (at most 32, "
         f"the slots of blkfront's one-page ring; default: {DEFAULT_SEQ_DEPTH})")
     parser.add_argument(
-        "--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS), metavar="W,W,...",
+        "--workloads", type=choices(WORKLOADS), default=list(WORKLOADS), metavar="W,W,...",
         help=f"which workloads to run (default: {','.join(WORKLOADS)})")
     parser.add_argument(
-        "--systems", type=_choices(SYSTEMS), default=list(SYSTEMS), metavar="S,S,...",
+        "--systems", type=choices(SYSTEMS), default=list(SYSTEMS), metavar="S,S,...",
         help=f"which systems to run (default: {','.join(SYSTEMS)}); ratios need all three")
     parser.add_argument(
         "--dir", metavar="DIR", default=None,

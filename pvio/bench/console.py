@@ -51,6 +51,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pvio.bench._common import BenchError, choices, positive
 from pvio.bench.block import _cpu_of, _cpu_self, _OtherLoad, _Proc
 from pvio.bench.ring import _machine
 
@@ -60,10 +61,6 @@ WORKLOADS = ("out", "in", "echo")
 DOMAIN = "bench"
 BLOCK = 1 << 20  # the random data both ends cycle through
 _IO_TIMEOUT = 30.0  # seconds without progress before a case is declared stuck
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (a process died, a check failed, a stall)."""
 
 
 # ------------------------------------------------------------- the guests
@@ -608,49 +605,26 @@ def run_benchmark(
     }
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-        return value
-    return parse
-
-
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in values if x not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f"unknown value(s) {', '.join(bad) or text!r}; choose from {', '.join(allowed)}")
-        return values
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--seconds", type=_positive(float), default=1.0, metavar="S",
+        "--seconds", type=positive(float), default=1.0, metavar="S",
         help="measured time per workload and transport, excluding warm-ups (default: 1)")
     parser.add_argument(
         "--warmup", type=float, default=0.1, metavar="S",
         help="unmeasured warm-up of each case before its first slice (default: 0.1)")
     parser.add_argument(
-        "--slices", type=_positive(int), default=4, metavar="N",
+        "--slices", type=positive(int), default=4, metavar="N",
         help="split each case's measured time into N slices, interleaved with the other "
         "transports' slices of the same workload (default: 4)")
     parser.add_argument(
-        "--msg-size", type=_positive(int), default=64, metavar="BYTES",
+        "--msg-size", type=positive(int), default=64, metavar="BYTES",
         help="size of each echo message (default: 64; at most 1024, the console's "
         "input ring)")
     parser.add_argument(
-        "--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS), metavar="W,W,...",
+        "--workloads", type=choices(WORKLOADS), default=list(WORKLOADS), metavar="W,W,...",
         help=f"which workloads to run (default: {','.join(WORKLOADS)})")
     parser.add_argument(
-        "--transports", type=_choices(TRANSPORTS), default=list(TRANSPORTS),
+        "--transports", type=choices(TRANSPORTS), default=list(TRANSPORTS),
         metavar="T,T,...",
         help=f"which transports to run (default: {','.join(TRANSPORTS)}); ratios need "
         "pvio and the baseline")

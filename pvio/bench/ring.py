@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pvio import __version__
+from pvio.bench._common import BenchError, positive
 from pvio.layouts import BLKIF_MAX_SEGMENTS_PER_REQUEST, XEN_PAGE_SIZE, BlkifOp, BlkifRsp
 from pvio.ring import (
     BLKIF,
@@ -84,10 +85,6 @@ _ERROR = int(BlkifRsp.ERROR)
 _OP_WRITE = int(BlkifOp.WRITE)  # READ (0) and WRITE (1) are served
 _MAX_SEGS = BLKIF_MAX_SEGMENTS_PER_REQUEST
 _WAIT_TIMEOUT = 2.0  # seconds a ring end sleeps before checking its peer is alive
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (a backend died, a protocol check failed)."""
 
 
 # --------------------------------------------------------------- the work
@@ -859,28 +856,19 @@ def _transports(text: str) -> list[str]:
     return values
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-        return value
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--depths", type=_depths, default=list(DEFAULT_DEPTHS), metavar="Q,Q,...",
         help="queue depths (requests kept outstanding); depth 1 measures the round-trip "
         "latency of each request, larger depths measure requests/s (default: 1,32,256)")
     parser.add_argument(
-        "--seconds", type=_positive(float), default=2.0, metavar="S",
+        "--seconds", type=positive(float), default=2.0, metavar="S",
         help="measured time per transport and depth, excluding warm-ups (default: 2)")
     parser.add_argument(
         "--warmup", type=float, default=0.3, metavar="S",
         help="unmeasured warm-up of each transport before its first slice (default: 0.3)")
     parser.add_argument(
-        "--slices", type=_positive(int), default=8, metavar="N",
+        "--slices", type=positive(int), default=8, metavar="N",
         help="split each transport's measured time into N slices, interleaved with the "
         "other transports' slices so that background load hits all of them alike "
         "(default: 8)")
@@ -890,11 +878,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "released) before arming the event and sleeping on the eventfd. The 'pvio-nopoll' "
         "cases never spin (default: 50)")
     parser.add_argument(
-        "--pages", type=_positive(int), default=8, metavar="N",
+        "--pages", type=positive(int), default=8, metavar="N",
         help="ring size in 4 KiB pages; must hold the largest depth "
         "(8 pages = 256 blkif slots, 16 = 512; default: 8)")
     parser.add_argument(
-        "--chunk", type=_positive(int), default=32, metavar="N",
+        "--chunk", type=positive(int), default=32, metavar="N",
         help="the pvio frontend pushes requests in batches of at most N (one put+push "
         "each), so that both processes work in parallel (default: 32)")
     parser.add_argument(
