@@ -133,7 +133,16 @@ async def _relay_program(stream, master: int) -> None:
         nursery.cancel_scope.cancel()
 
 
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN,
+                  signal.SIGTTOU, signal.SIGHUP, signal.SIGTERM)
+
+
 def _make_controlling_tty() -> None:  # runs in the child, between fork and exec
+    """Like getty: the console is the program's controlling terminal, and job-control
+    signals have their default actions even if we were started with them ignored
+    (e.g. from a non-interactive shell's background job), so Ctrl-C works."""
+    for signum in _RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 

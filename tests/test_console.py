@@ -604,6 +604,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _state(pid: int) -> str | None:
     """The process state letter of ``pid`` (Z: a zombie), None once it is gone."""
     try:
@@ -676,7 +684,13 @@ def test_bash_on_a_guest_console_driven_through_the_backend_pty(serve):
             term.expect(PROMPT_RE)
             term.sendline("sleep 30; echo finished-$((2 + 3))")
             term.expect("sleep 30")  # the echo of the line: bash has read it
-            time.sleep(0.3)
+            # Wait until sleep really runs (and has the terminal): a Ctrl-C that
+            # lands while bash is still forking can be lost to the race, on any tty.
+            deadline = time.monotonic() + 10
+            while not any(_comm(c) == "sleep" for c in _children(bash_pid)):
+                assert time.monotonic() < deadline, "sleep never started"
+                time.sleep(0.02)
+            time.sleep(0.1)
             t0 = time.monotonic()
             term.send("\x03")  # Ctrl-C: the guest's tty sends SIGINT to sleep
             term.expect(PROMPT_RE)
