@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import resource
@@ -59,7 +58,7 @@ from typing import Any
 
 import trio
 
-from pvio.bench._common import BenchError, choices, positive
+from pvio.bench._common import BenchError, choices, positive, progress, report, standalone
 from pvio.bench.ring import _machine, _proc_stat
 
 SYSTEMS = ("pvio", "socket", "pread")
@@ -870,28 +869,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
-        report = run_benchmark(
+    return report("block", args.json, lambda: run_benchmark(
             seconds=args.seconds, warmup=args.warmup, slices=args.slices, size=args.size,
             seq_depth=args.seq_depth, workloads=args.workloads, systems=args.systems,
-            directory=args.dir, progress=None if args.json else progress)
-    except BenchError as exc:
-        print(f"pvio bench block: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(report))
-    return 0
+            directory=args.dir, progress=None if args.json else progress), format_table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pvio bench block", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("block", __doc__, add_arguments, run, argv)

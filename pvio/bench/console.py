@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import select
@@ -51,7 +50,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pvio.bench._common import BenchError, choices, positive
+from pvio.bench._common import BenchError, choices, positive, progress, report, standalone
 from pvio.bench.block import _cpu_of, _cpu_self, _OtherLoad, _Proc
 from pvio.bench.ring import _machine
 
@@ -640,28 +639,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
-        report = run_benchmark(
+    return report("console", args.json, lambda: run_benchmark(
             seconds=args.seconds, warmup=args.warmup, slices=args.slices,
             msg_size=args.msg_size, workloads=args.workloads, transports=args.transports,
-            progress=None if args.json else progress)
-    except BenchError as exc:
-        print(f"pvio bench console: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(report))
-    return 0
+            progress=None if args.json else progress), format_table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pvio bench console", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("console", __doc__, add_arguments, run, argv)

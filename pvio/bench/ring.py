@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import multiprocessing
 import os
 import platform
@@ -50,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pvio import __version__
-from pvio.bench._common import BenchError, positive
+from pvio.bench._common import BenchError, positive, progress, report, standalone
 from pvio.layouts import BLKIF_MAX_SEGMENTS_PER_REQUEST, XEN_PAGE_SIZE, BlkifOp, BlkifRsp
 from pvio.ring import (
     BLKIF,
@@ -906,10 +905,7 @@ def run(args: argparse.Namespace) -> int:
               f"{args.pages} ring pages ({slots} slots); raise --pages", file=sys.stderr)
         return 2
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    report = run_benchmark(
+    return report("ring", args.json, lambda: run_benchmark(
         args.depths,
         seconds=args.seconds,
         warmup=args.warmup,
@@ -920,18 +916,8 @@ def run(args: argparse.Namespace) -> int:
         alt_chunk=args.alt_chunk,
         transports=args.transports,
         progress=None if args.json else progress,
-    )
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(report))
-    return 0
+    ), format_table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pvio bench ring", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("ring", __doc__, add_arguments, run, argv)
