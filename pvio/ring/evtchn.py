@@ -53,6 +53,9 @@ class EventChannel:
         self.remote_port = remote_port
         self.sent = 0
         self.received = 0
+        self.spurious = 0  # wake-ups that found no work (hardening.md #7)
+        self.throttled = 0  # times a flood of those made us pause
+        self._idle_wakes = 0  # consecutive wake-ups without work
         self._closed = False
         self._poller = select.poll()  # registered once: waits are on the hot path
         self._poller.register(local_fd, select.POLLIN)
@@ -74,6 +77,27 @@ class EventChannel:
             return False
         self.received += 1
         return True
+
+    #: After this many consecutive wake-ups that found no work, each further
+    #: one costs the waiter a pause of SPURIOUS_PAUSE seconds (xenconsoled's
+    #: budget is 30 per 200 ms), so a peer that notifies for nothing costs
+    #: bounded CPU. Legitimate traffic resets the count: at most one stale
+    #: wake-up follows each batch of real work.
+    SPURIOUS_BUDGET = 30
+    SPURIOUS_PAUSE = 0.2
+
+    def note_work(self) -> None:
+        """A wake-up found work: the peer is not flooding."""
+        self._idle_wakes = 0
+
+    def note_spurious(self) -> float:
+        """Record a wake-up that found no work; returns how long to pause (0: none)."""
+        self.spurious += 1
+        self._idle_wakes += 1
+        if self._idle_wakes <= self.SPURIOUS_BUDGET:
+            return 0.0
+        self.throttled += 1
+        return self.SPURIOUS_PAUSE
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Block until an event is pending (and clear it); False on timeout."""
@@ -245,27 +269,37 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
     sends nothing), then ``final_check`` arms the event index and re-checks,
     and only then sleep on the event channel. Returns False on timeout.
     """
-    if poll is not None and poll.spin(end):
-        return True
-    if _final_check(end):
+    if (poll is not None and poll.spin(end)) or _final_check(end):
+        channel.note_work()
         return True
     if not channel.wait_blocking(timeout):
         return False
-    if poll is not None and _final_check(end):
-        poll.woke_with_work()  # only a wake that found work re-enables spinning
+    if _final_check(end):
+        channel.note_work()
+        if poll is not None:
+            poll.woke_with_work()  # only a wake that found work re-enables spinning
+    else:
+        pause = channel.note_spurious()
+        if pause > 0:
+            time.sleep(pause)
     return True
 
 
 async def wait_for_work(end, channel: EventChannel, poll: BusyPoll | None = None) -> None:
     """Trio flavour of :func:`wait_for_work_blocking` (the spin blocks the loop
     for at most one window, so keep windows short in shared event loops)."""
-    if poll is not None and poll.spin(end):
-        return
-    if _final_check(end):
+    if (poll is not None and poll.spin(end)) or _final_check(end):
+        channel.note_work()
         return
     await channel.wait()
-    if poll is not None and _final_check(end):
-        poll.woke_with_work()
+    if _final_check(end):
+        channel.note_work()
+        if poll is not None:
+            poll.woke_with_work()
+    else:
+        pause = channel.note_spurious()
+        if pause > 0:
+            await trio.sleep(pause)
 
 
 def _final_check(end) -> int:
