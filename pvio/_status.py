@@ -22,6 +22,14 @@ class DeviceRow:
     statistics: dict[str, str] = field(default_factory=dict)
 
 
+def _text(raw: bytes | None) -> str:
+    """A store value for an operator's terminal. Guests write most of these
+    keys: bytes that are not UTF-8 or not printable (escape sequences) are shown
+    escaped, never passed through."""
+    text = (raw or b"").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 async def _ls(xs: XsClient, path: str) -> list[str]:
     try:
         return await xs.directory(path)
@@ -39,33 +47,29 @@ async def collect(xs: XsClient) -> tuple[list[dict], list[DeviceRow]]:
     for domid in sorted(await _ls(xs, "/local/domain"), key=lambda d: int(d) if d.isdigit()
                         else 1 << 30):
         name = await xs.read_or_none(f"/local/domain/{domid}/name")
-        domains.append({"domid": domid, "name": name.decode() if name else ""})
+        domains.append({"domid": domid, "name": _text(name)})
     rows = []
     base = "/local/domain/0/backend"
     for type_ in await _ls(xs, base):
         for domid in await _ls(xs, f"{base}/{type_}"):
             for devid in await _ls(xs, f"{base}/{type_}/{domid}"):
                 be = f"{base}/{type_}/{domid}/{devid}"
-                fe = (await xs.read_or_none(f"{be}/frontend") or b"").decode()
+                fe = _text(await xs.read_or_none(f"{be}/frontend"))
                 row = DeviceRow(type_, int(domid), devid, await _state(xs, be),
                                 await _state(xs, fe) if fe else "-")
                 for key in await _ls(xs, be):
                     if key.startswith(("feature-", "max-", "multi-queue")) or key in (
                         "sectors", "sector-size", "info", "mode", "mac"
                     ):
-                        row.features[key] = (await xs.read_or_none(f"{be}/{key}") or b"").decode()
+                        row.features[key] = _text(await xs.read_or_none(f"{be}/{key}"))
                 for key in await _ls(xs, f"{be}/statistics"):
-                    row.statistics[key] = (
-                        await xs.read_or_none(f"{be}/statistics/{key}") or b""
-                    ).decode()
+                    row.statistics[key] = _text(await xs.read_or_none(f"{be}/statistics/{key}"))
                 if fe:
                     for key in await _ls(xs, fe):
                         if key.startswith(("ring-ref", "event-channel", "protocol", "port",
                                            "tx-ring", "rx-ring", "ring-page-order",
                                            "feature-", "request-")):
-                            row.frontend_keys[key] = (
-                                await xs.read_or_none(f"{fe}/{key}") or b""
-                            ).decode()
+                            row.frontend_keys[key] = _text(await xs.read_or_none(f"{fe}/{key}"))
                 rows.append(row)
     return domains, rows
 

@@ -461,12 +461,6 @@ class XenstoreServer:
             while any(c.send.statistics().current_buffer_used for c in self._clients):
                 await trio.sleep(0.01)
 
-    async def aclose_domain(self, domid: int) -> None:
-        """Disconnect a guest domain (e.g. after it broke a protocol)."""
-        for client in list(self._clients):
-            if client.domain is not None and client.domain.domid == domid:
-                client.cancel.cancel()
-
 
 def _fds_from(ancdata) -> list[int]:
     fds: list[int] = []
