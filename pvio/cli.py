@@ -28,6 +28,8 @@ examples:
   pvio blk info                   the default domain's disk: size, features, ring
   pvio blk copy disk.raw pvio:    a local image onto the disk (and `pvio: out.raw` back)
   pvio blk export /mnt/pvio       the disk as a FUSE file for mkfs, fsck, qemu-img...
+  pvio netfront-tap --address 10.0.0.1/24   the guest's vif as a TAP device here
+  pvio net capture guest guest.pcap         its switch port into a pcap (tshark -r)
 """
 
 
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--devid", type=int, default=0, help="console number (default: 0)")
     guest.add_argument("command_argv", nargs="*", metavar="-- COMMAND",
                        help="the program to run, after --")
+
+    from pvio import _net_cli
+
+    _net_cli.add_arguments(sub)
 
     sockets = sub.add_parser("sockets", help="print the default socket paths")
     _socket_args(sockets)
@@ -194,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         from pvio import _commands
 
         return getattr(_commands, args.command)(args)
+    if args.command in ("netfront-tap", "net"):
+        from pvio import _net_cli
+
+        if getattr(args, "verbose", 0):
+            _setup_logging(args.verbose)
+        return _net_cli.run(args)
     if args.command == "blk":
         from pvio import _blkcli
 

@@ -7,6 +7,11 @@ Example (every key optional; this is the embedded default)::
     # admin_uids = [0]                    # default: root and the daemon's own uid
     # guest_uids = [1000]                 # default: whoever can open the socket (0600)
 
+    # [switch]                            # every vif is a port of the daemon's L2 switch
+    # tap = "pvio0"                       # also bridge it to this host TAP device
+    # queue_frames = 1024                 # per port queue; a slow reader loses the excess
+    # aging = 300                         # seconds a learned MAC stays
+
     [[domain]]
     name = "guest"                        # a frontend claims it by name
     # uids = [1000]                       # who may claim it (default: any guest)
@@ -64,6 +69,13 @@ class DomainConfig:
     devices: tuple[DeviceConfig, ...]
 
 
+@dataclass(frozen=True)
+class SwitchConfig:
+    tap: str | None = None
+    queue_frames: int = 1024
+    aging: float = 300.0
+
+
 @dataclass
 class Config:
     socket: str
@@ -72,6 +84,7 @@ class Config:
     guest_uids: set[int] | None = None
     domains: dict[str, DomainConfig] = field(default_factory=dict)
     source: str = "embedded default"
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
 
     @property
     def admin_socket(self) -> str:
@@ -166,6 +179,22 @@ def _device(raw: dict, where: str) -> DeviceConfig:
     return DeviceConfig(dtype, devid, opts)
 
 
+def _switch(raw, where: str) -> SwitchConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _no_unknown(raw, {"tap", "queue_frames", "aging"}, where)
+    tap = raw.get("tap")
+    if tap is not None and not (isinstance(tap, str) and re.match(r"^[A-Za-z0-9_.-]{1,15}$", tap)):
+        raise ConfigError(f"{where}: tap must be an interface name of 1-15 characters")
+    frames = raw.get("queue_frames", 1024)
+    if not isinstance(frames, int) or not 1 <= frames <= 1 << 20:
+        raise ConfigError(f"{where}: queue_frames must be an integer in 1..1048576")
+    aging = raw.get("aging", 300)
+    if not isinstance(aging, (int, float)) or aging <= 0:
+        raise ConfigError(f"{where}: aging must be a positive number of seconds")
+    return SwitchConfig(tap, frames, float(aging))
+
+
 def parse(text: str, *, source: str = "config", socket: str | None = None,
           data_dir: str | None = None) -> Config:
     """Parse and validate a TOML configuration; command-line paths override it."""
@@ -173,7 +202,7 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    known = {"socket", "data_dir", "admin_uids", "guest_uids", "domain"}
+    known = {"socket", "data_dir", "admin_uids", "guest_uids", "domain", "switch"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -183,6 +212,7 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
         admin_uids=_uids(raw.get("admin_uids"), f"{source}: admin_uids"),
         guest_uids=_uids(raw.get("guest_uids"), f"{source}: guest_uids"),
         source=source,
+        switch=_switch(raw.get("switch", {}), f"{source}: switch"),
     )
     for i, dom in enumerate(raw.get("domain", [])):
         where = f"{source}: domain[{i}]"

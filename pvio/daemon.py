@@ -22,8 +22,10 @@ import trio
 from pvio.backends.blkback import BlkBackend, ensure_image
 from pvio.backends.consoleback import ConsoleBackend
 from pvio.backends.netback import NetBackend
+from pvio.capture import CaptureTap
 from pvio.config import Config, DeviceConfig
 from pvio.layouts import XenbusState as S
+from pvio.netswitch import Switch
 from pvio.xenbus.device import BackendDevice, backend_path, frontend_path
 from pvio.xenbus.server import Domain, LocalStore, XenstoreServer
 from pvio.xenbus.state import parse_state
@@ -67,6 +69,8 @@ class Daemon:
         self._root = Connection(0, privileged=True, name="daemon")
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
+        self.switch = Switch(aging=config.switch.aging, queue_frames=config.switch.queue_frames)
+        self.server.on_capture = self._capture
 
     # ------------------------------------------------------------------ run
 
@@ -148,7 +152,8 @@ class Daemon:
                 log_dir, f"{name}-{dev.devid}.log")
             return ConsoleBackend(domain, log_path=log_path,
                                   limit=dev.options.get("limit", 1 << 20))
-        return NetBackend(domain, dev.options["mac"])
+        return NetBackend(domain, dev.options["mac"], self.switch, devid=dev.devid,
+                          queue_frames=self.config.switch.queue_frames)
 
     async def _claim(self, domain: Domain, name: str) -> None:
         dom_cfg = self.config.domains.get(name)
@@ -230,6 +235,30 @@ class Daemon:
                     await store.write(f"{device.be}/statistics/{key}", str(value))
             last = current
             await trio.sleep(self.STATISTICS_INTERVAL)
+
+    def _switch_port(self, name: str):
+        """A switch port by name: ``vif<domid>.<devid>``, a domain name (its vif 0),
+        ``<domain>.<devid>``, or ``tap:<ifname>``."""
+        port = self.switch.ports.get(name)
+        if port is None:
+            dom, _, devid = name.partition(".")
+            attached = self._claimed.get(dom)
+            if attached is not None and (devid or "0").isdigit():
+                port = self.switch.ports.get(f"vif{attached.domain.domid}.{int(devid or 0)}")
+        if port is None:
+            known = ", ".join(sorted(self.switch.ports)) or "none"
+            raise XenstoreError("ENOENT", f"no switch port {name!r} (ports: {known})")
+        return port
+
+    def _capture(self, name: str, fd: int) -> None:
+        port = self._switch_port(name)
+        sock = socket.socket(fileno=fd)
+        try:
+            CaptureTap(sock, port)
+        except ValueError as exc:
+            sock.detach()
+            raise XenstoreError("EINVAL", str(exc)) from exc
+        log.info("capture of %s started", port.name)
 
     def _all_devices(self) -> list[BackendDevice]:
         return [d for a in self._claimed.values() for d in a.devices]

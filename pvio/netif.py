@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pvio import _cgen, layouts
-from pvio.layouts import XEN_PAGE_SIZE, NetifExtraType, NetifRsp, NetTxFlag
+from pvio.layouts import XEN_PAGE_SIZE, NetifExtraType, NetifRsp, NetRxFlag, NetTxFlag
 
 TX_REQ = struct.Struct(_cgen.struct_format(layouts.netif_tx_request))  # gref offset flags id size
-TX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_tx_response))
+TX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_tx_response))  # id status
+RX_REQ = struct.Struct(_cgen.struct_format(layouts.netif_rx_request))  # id pad gref
+RX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_rx_response))  # id offset flags status
 EXTRA = struct.Struct("<BBHBBH")  # type, flags, gso.size, gso.type, gso.pad, gso.features
 TX_REQ_SIZE = TX_REQ.size
 ETH_HLEN = 14
@@ -176,3 +179,145 @@ def gso_extra(rid: int, gso_size: int, gso_type: int, more: bool = False) -> byt
                     layouts.XEN_NETIF_EXTRA_FLAG_MORE if more else 0, gso_size, gso_type, 0, 0)
     struct.pack_into("<H", raw, 8, rid)
     return bytes(raw)
+
+
+# ---------------------------------------------------------------- offloads
+
+
+class Offload(NamedTuple):
+    """What a frame carries besides its bytes (netif.h flags and GSO extra).
+
+    ``csum_blank``: the L4 checksum is not filled in yet (the sender offloaded
+    it; NETTXF_csum_blank / NETRXF_csum_blank). ``data_validated``: the
+    checksum is known good (NETTXF_data_validated / NETRXF_data_validated).
+    ``gso_type``/``gso_size``: a TCP super-packet to be cut into segments of
+    ``gso_size`` payload bytes (XEN_NETIF_EXTRA_TYPE_GSO).
+    """
+
+    csum_blank: bool = False
+    data_validated: bool = False
+    gso_type: int = layouts.XEN_NETIF_GSO_TYPE_NONE
+    gso_size: int = 0
+
+
+NO_OFFLOAD = Offload()
+
+
+class Frame(NamedTuple):
+    """An Ethernet frame and its offload state, as the switch and the frontends pass it."""
+
+    data: bytes
+    offload: Offload = NO_OFFLOAD
+
+
+def tx_packet_slots(length: int, offload: Offload) -> int:
+    """Ring slots a frontend needs to send a ``length``-byte packet from page 0 offsets."""
+    return -(-length // XEN_PAGE_SIZE) + (1 if offload.gso_type else 0)
+
+
+def pack_extra_gso(out, pos: int, gso_type: int, gso_size: int, more: bool = False) -> None:
+    """A ``netif_extra_info`` GSO slot at ``out[pos:pos+8]``."""
+    EXTRA.pack_into(out, pos, NetifExtraType.GSO,
+                    layouts.XEN_NETIF_EXTRA_FLAG_MORE if more else 0, gso_size, gso_type, 0, 0)
+
+
+def rx_flags(offload: Offload) -> int:
+    """NETRXF_* of a packet's first response (the checksum bits swap places vs TX)."""
+    flags = 0
+    if offload.csum_blank:
+        flags |= NetRxFlag.CSUM_BLANK | NetRxFlag.DATA_VALIDATED
+    elif offload.data_validated:
+        flags |= NetRxFlag.DATA_VALIDATED
+    return flags
+
+
+def offload_of(packet: TxPacket) -> Offload:
+    if not (packet.csum_blank or packet.data_validated or packet.gso_type):
+        return NO_OFFLOAD
+    return Offload(packet.csum_blank, packet.data_validated or packet.csum_blank,
+                   packet.gso_type, packet.gso_size)
+
+
+class RxProtocolError(Exception):
+    """The backend broke the RX protocol (netfront then stops using the device)."""
+
+
+@dataclass(slots=True)
+class RxChunk:
+    slot: int  # ring index the response sits in (== the request's slot)
+    offset: int
+    length: int  # 0 for a fragment the backend failed
+    id: int  # the response's id (must echo the slot's request)
+
+
+@dataclass(slots=True)
+class RxPacket:
+    """One received packet as netfront assembles it from consecutive responses."""
+
+    chunks: list[RxChunk]
+    offload: Offload
+    error: int = 0  # a negative XEN_NETIF_RSP_* when the backend failed the packet
+    slots: int = 0  # responses consumed (fragments and extras)
+
+
+def parse_rx_responses(raw: memoryview, first_slot: int, *, gso_ok: bool
+                       ) -> tuple[list[RxPacket], int]:
+    """Split copied RX responses into packets; returns them and how many slots
+    they used (a chain cut off at the end is left for the next call).
+
+    Hostile-backend checks: an offset or size that leaves the page, a chain
+    longer than a 64 KiB packet can need, an unknown extra, GSO the frontend
+    did not ask for: :class:`RxProtocolError`.
+    """
+    n = len(raw) // RX_RSP.size
+    out: list[RxPacket] = []
+    i = 0
+    while i < n:
+        start = i
+        rid, offset, flags, status = RX_RSP.unpack_from(raw, i * RX_RSP.size)
+        chunks: list[RxChunk] = []
+        error = 0
+        offload = Offload(bool(flags & NetRxFlag.CSUM_BLANK),
+                          bool(flags & (NetRxFlag.DATA_VALIDATED | NetRxFlag.CSUM_BLANK)))
+        extra = bool(flags & NetRxFlag.EXTRA_INFO)
+        complete = False
+        while True:
+            if status < 0:
+                error = error or status
+                chunks.append(RxChunk(first_slot + i, 0, 0, rid))
+            elif offset + status > XEN_PAGE_SIZE:
+                raise RxProtocolError(f"rx response {first_slot + i}: {offset}+{status} "
+                                      "leaves its page")
+            else:
+                chunks.append(RxChunk(first_slot + i, offset, status, rid))
+            i += 1
+            while extra:
+                if i >= n:
+                    break
+                etype, eflags, gso_size, gso_type, _, _ = EXTRA.unpack_from(raw, i * RX_RSP.size)
+                if etype != NetifExtraType.GSO or not gso_ok or gso_type not in (
+                        layouts.XEN_NETIF_GSO_TYPE_TCPV4, layouts.XEN_NETIF_GSO_TYPE_TCPV6) \
+                        or gso_size == 0:
+                    raise RxProtocolError(f"rx response {first_slot + i}: bad extra "
+                                          f"(type {etype}, gso {gso_type}/{gso_size})")
+                offload = offload._replace(gso_type=gso_type, gso_size=gso_size)
+                extra = bool(eflags & layouts.XEN_NETIF_EXTRA_FLAG_MORE)
+                i += 1
+            if extra:
+                break
+            if i - start > MAX_RX_SLOTS:
+                raise RxProtocolError(f"rx packet at slot {first_slot + start} spans more "
+                                      f"than {MAX_RX_SLOTS} slots")
+            if not flags & NetRxFlag.MORE_DATA:
+                complete = True
+                break
+            if i >= n:
+                break
+            rid, offset, flags, status = RX_RSP.unpack_from(raw, i * RX_RSP.size)
+        if not complete:
+            return out, start
+        out.append(RxPacket(chunks, offload, error, i - start))
+    return out, i
+
+
+MAX_RX_SLOTS = -(-0x10000 // XEN_PAGE_SIZE) + 2  # a 64 KiB packet, plus GSO extra

@@ -6,6 +6,11 @@ broadcast, multicast and unknown destinations to every other port. Each port
 has a bounded queue of frames waiting for its consumer: a consumer that stops
 reading loses frames (counted in ``dropped``), never the daemon's memory
 (XSA-392/424: a hard per-queue cap).
+
+Queued items are :class:`pvio.netif.Frame` (bytes plus offload state), so a
+checksum-offloaded or GSO frame keeps its flags from one vif to the next.
+Taps (``pvio net capture``) see every frame a port sends and every frame
+queued to it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pvio.netif import NO_OFFLOAD, Frame, Offload
+
+Tap = Callable[[str, Frame], None]  # (direction "in"|"out" seen from the port, frame)
 
 BROADCAST = b"\xff" * 6
 
@@ -36,18 +45,22 @@ class Port:
     stats: PortStats = field(default_factory=PortStats)
     on_ready: Callable[[], None] | None = None  # called when the queue becomes non-empty
 
-    def enqueue(self, frame: bytes) -> bool:
+    taps: list[Tap] = field(default_factory=list)
+
+    def enqueue(self, frame: Frame) -> bool:
         if len(self.queue) >= self.capacity:
             self.stats.dropped += 1
             return False
         self.queue.append(frame)
         self.stats.tx_frames += 1
-        self.stats.tx_bytes += len(frame)
+        self.stats.tx_bytes += len(frame.data)
+        for tap in self.taps:
+            tap("out", frame)
         if len(self.queue) == 1 and self.on_ready is not None:
             self.on_ready()
         return True
 
-    def take(self, max_frames: int) -> list[bytes]:
+    def take(self, max_frames: int) -> list[Frame]:
         out = []
         while self.queue and len(out) < max_frames:
             out.append(self.queue.popleft())
@@ -64,14 +77,23 @@ class Switch:
         self._fdb: dict[bytes, tuple[Port, float]] = {}
 
     def add_port(self, name: str, capacity: int | None = None) -> Port:
-        if name in self.ports:
-            raise ValueError(f"port {name!r} exists")
-        port = Port(name, capacity or self.queue_frames)
-        self.ports[name] = port
+        return self.attach_port(Port(name, capacity or self.queue_frames))
+
+    def attach_port(self, port: Port) -> Port:
+        """Plug in a port built elsewhere (e.g. a vif's per-queue port)."""
+        if port.name in self.ports:
+            raise ValueError(f"port {port.name!r} exists")
+        self.ports[port.name] = port
         return port
 
     def remove_port(self, port: Port) -> None:
-        self.ports.pop(port.name, None)
+        if self.ports.get(port.name) is port:
+            del self.ports[port.name]
+        port.queue.clear()
+        for tap in list(port.taps):  # a capture of this port ends with it
+            close = getattr(tap, "close", None)
+            if close is not None:
+                close()
         self._fdb = {mac: entry for mac, entry in self._fdb.items() if entry[0] is not port}
 
     def lookup(self, mac: bytes) -> Port | None:
@@ -84,14 +106,17 @@ class Switch:
             return None
         return port
 
-    def forward(self, ingress: Port, frame: bytes) -> list[Port]:
+    def forward(self, ingress: Port, data: bytes, offload: Offload = NO_OFFLOAD) -> list[Port]:
         """Switch one frame; returns the ports it was queued on."""
         ingress.stats.rx_frames += 1
-        ingress.stats.rx_bytes += len(frame)
-        if len(frame) < 14:
+        ingress.stats.rx_bytes += len(data)
+        if len(data) < 14:
             ingress.stats.runts += 1
             return []
-        dst, src = frame[:6], frame[6:12]
+        frame = Frame(data, offload)
+        for tap in ingress.taps:
+            tap("in", frame)
+        dst, src = data[:6], data[6:12]
         if not src[0] & 1:  # never learn a multicast source
             self._fdb[bytes(src)] = (ingress, self.clock())
         target = None if dst[0] & 1 else self.lookup(bytes(dst))

@@ -600,3 +600,13 @@ int pvio_punch_hole(int fd, int64_t offset, int64_t len)
         return -errno;
     return 0;
 }
+
+uint64_t pvio_csum_partial(const uint8_t *buf, size_t len, uint64_t sum)
+{
+    size_t i = 0;
+    for (; i + 1 < len; i += 2)
+        sum += (uint32_t)buf[i] << 8 | buf[i + 1];
+    if (i < len)
+        sum += (uint32_t)buf[i] << 8;
+    return sum;
+}

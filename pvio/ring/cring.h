@@ -109,3 +109,6 @@ int pvio_unmap(void *addr, uint32_t n);
 
 /* Block helpers: fallocate(PUNCH_HOLE|KEEP_SIZE) for discard; -errno on failure. */
 int pvio_punch_hole(int fd, int64_t offset, int64_t len);
+
+/* RFC 1071 ones'-complement sum of buf, added to sum (not folded, not inverted). */
+uint64_t pvio_csum_partial(const uint8_t *buf, size_t len, uint64_t sum);

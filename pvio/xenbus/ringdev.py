@@ -43,6 +43,11 @@ class DeviceLayout:
     max_ring_page_order: int = 0
     max_queues: int = 1  # > 1: multi-queue-num-queues and queue-N/ keys (blkif.h)
     extra_frontend_keys: tuple[str, ...] = ()  # device-specific (feature-* of the frontend)
+    #: netif.h feature-split-event-channels: a frontend may publish these two
+    #: ports (tx, rx) instead of ``evtchn_key``.
+    split_evtchn_keys: tuple[str, str] | None = None
+    #: keys every frontend of this type must publish (netif's request-rx-copy...)
+    required_frontend_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def frontend_keys(self) -> tuple[str, ...]:
@@ -52,6 +57,7 @@ class DeviceLayout:
                                                           self.max_queues > 1 else 0)]
         for prefix in prefixes:
             keys.append(prefix + self.evtchn_key)
+            keys += [prefix + k for k in self.split_evtchn_keys or ()]
             for area in self.areas:
                 keys.append(prefix + area.ref_key)
                 if area.multi_page:
@@ -71,15 +77,26 @@ def _uint(raw: bytes | None, what: str, limit: int) -> int:
 
 @dataclass
 class QueueConnection:
-    """One queue of a connected device: its mapped areas and bound event channel."""
+    """One queue of a connected device: its mapped areas and bound event channel(s).
+
+    With split event channels ``channel`` is the tx one and ``rx_channel`` the
+    rx one; otherwise both name the same channel.
+    """
 
     mappings: list[GrantMapping]
     channel: EventChannel
+    rx_channel: EventChannel | None = None
+
+    def __post_init__(self) -> None:
+        if self.rx_channel is None:
+            self.rx_channel = self.channel
 
     def close(self) -> None:
         for mapping in self.mappings:
             mapping.close()
         self.channel.close()
+        if self.rx_channel is not self.channel:
+            self.rx_channel.close()
 
 
 @dataclass
@@ -125,6 +142,8 @@ class RingBackendDriver:
             feats["max-ring-page-order"] = str(self.layout.max_ring_page_order)
         if self.layout.max_queues > 1:
             feats["multi-queue-max-queues"] = str(self.layout.max_queues)
+        if self.layout.split_evtchn_keys:
+            feats["feature-split-event-channels"] = "1"
         return feats
 
     async def connect(self, frontend: dict[str, bytes | None]) -> dict[str, str]:
@@ -157,13 +176,22 @@ class RingBackendDriver:
 
     def _connect_queue(self, mapper, frontend: dict, prefix: str, order: int) -> QueueConnection:
         mappings: list[GrantMapping] = []
-        fds = None
+        split = self.layout.split_evtchn_keys
+        if split and frontend.get(prefix + split[0]) is not None:
+            keys = [prefix + k for k in split]
+        else:
+            keys = [prefix + self.layout.evtchn_key]
+        ports = [_uint(frontend.get(key), key, 4095) for key in keys]
+        if len(set(ports)) != len(ports):
+            raise DeviceError(f"{' and '.join(keys)} name the same port")
+        taken: list[tuple[int, int]] = []
+        channels: list[EventChannel] = []
         try:
-            key = prefix + self.layout.evtchn_key
-            port = _uint(frontend.get(key), key, 4095)
-            fds = self.domain.evtchn_fds.pop(port, None)
-            if fds is None:
-                raise DeviceError(f"event channel port {port} was not handed over")
+            for port in ports:
+                fds = self.domain.evtchn_fds.pop(port, None)
+                if fds is None:
+                    raise DeviceError(f"event channel port {port} was not handed over")
+                taken.append(fds)
             for area in self.layout.areas:
                 key = prefix + area.ref_key
                 if area.multi_page and order:
@@ -175,15 +203,20 @@ class RingBackendDriver:
                     mappings.append(mapper.map(refs, writable=True))
                 except GrantError as exc:
                     raise DeviceError(f"cannot map {key}: {exc}") from exc
-            channel = self._evtchn.bind_interdomain(self.domain.domid, port, fds)
+            while taken:
+                fds = taken.pop(0)
+                channels.append(self._evtchn.bind_interdomain(
+                    self.domain.domid, ports[len(channels)], fds))
         except BaseException:
             for mapping in mappings:
                 mapping.close()
-            if fds is not None:  # a refused connect must not leave the port stuck
+            for channel in channels:
+                channel.close()
+            for fds in taken:  # a refused connect must not leave a port stuck
                 for fd in fds:
                     os.close(fd)
             raise
-        return QueueConnection(mappings, channel)
+        return QueueConnection(mappings, channels[0], channels[-1])
 
     async def start(self, conn: BackendConnection, frontend: dict[str, bytes | None]) -> dict:
         """Device hook: start serving; returns info keys to publish. Default: none."""
@@ -206,6 +239,7 @@ class FrontQueue:
 
     areas: list[tuple[int, int, list[int]]]  # (first frame, pages, grant refs)
     channel: EventChannel | None = None
+    rx_channel: EventChannel | None = None  # split event channels: the rx one
 
 
 class RingFrontendDriver:
@@ -218,13 +252,15 @@ class RingFrontendDriver:
     layout: DeviceLayout
 
     def __init__(self, session, layout: DeviceLayout | None = None, *,
-                 ring_page_order: int = 0, queues: int = 1) -> None:
+                 ring_page_order: int = 0, queues: int = 1,
+                 split_event_channels: bool = False) -> None:
         self.session = session
         if layout is not None:
             self.layout = layout
         self.type = self.layout.type
         self.ring_page_order = ring_page_order
         self.requested_queues = queues
+        self.split_event_channels = split_event_channels
         self.queues: list[FrontQueue] = []
         self.backend: dict[str, bytes | None] = {}
 
@@ -237,19 +273,23 @@ class RingFrontendDriver:
         frame, pages, _ = self.queues[queue].areas[i]
         return self.session.pool.shm.page(frame, pages)
 
-    async def _backend_max_queues(self, xs, path: str) -> int:
+    @staticmethod
+    async def _backend_int(xs, path: str, key: str, default: int) -> int:
         be = await xs.read_or_none(f"{path}/backend")
-        raw = await xs.read_or_none(f"{be.decode()}/multi-queue-max-queues") if be else None
+        raw = await xs.read_or_none(f"{be.decode()}/{key}") if be else None
         try:
-            return max(1, int(raw.decode())) if raw else 1
+            return max(default, int(raw.decode())) if raw else default
         except ValueError:
-            return 1
+            return default
 
     async def publish(self, xs, path: str) -> None:
         self.release_transport()
         nq = 1
         if self.requested_queues > 1 and self.layout.max_queues > 1:
-            nq = min(self.requested_queues, await self._backend_max_queues(xs, path))
+            nq = min(self.requested_queues,
+                     await self._backend_int(xs, path, "multi-queue-max-queues", 1))
+        split = bool(self.split_event_channels and self.layout.split_evtchn_keys and
+                     await self._backend_int(xs, path, "feature-split-event-channels", 0))
         keys: dict[str, str] = {"protocol": "x86_64-abi", **self.frontend_features()}
         if nq > 1:
             keys["multi-queue-num-queues"] = str(nq)
@@ -269,10 +309,12 @@ class RingFrontendDriver:
                                  for i, r in enumerate(refs)})
                 else:
                     keys[prefix + area.ref_key] = str(refs[0])
-            unbound = self.session.evtchn.alloc_unbound(DOM0)
-            await xs.hand_over_evtchn(unbound.port, unbound.peer_fds())
-            queue.channel = unbound.channel
-            keys[prefix + self.layout.evtchn_key] = str(unbound.port)
+            for key in self.layout.split_evtchn_keys if split else (self.layout.evtchn_key,):
+                unbound = self.session.evtchn.alloc_unbound(DOM0)
+                await xs.hand_over_evtchn(unbound.port, unbound.peer_fds())
+                queue.rx_channel = unbound.channel
+                queue.channel = queue.channel or unbound.channel
+                keys[prefix + key] = str(unbound.port)
         self.setup()
         tx = await xs.transaction_start()
         for key, value in keys.items():
@@ -284,7 +326,7 @@ class RingFrontendDriver:
 
     def frontend_features(self) -> dict[str, str]:
         """Device hook: ``feature-*`` keys the frontend publishes with its transport."""
-        return {}
+        return dict(self.layout.required_frontend_keys)
 
     async def attach(self, backend: dict[str, bytes | None]) -> None:
         self.backend = backend
@@ -304,13 +346,19 @@ class RingFrontendDriver:
                     log.warning("%s: backend still maps frames %d+%d; quarantined",
                                 self.type, frame, pages)
                     self.session.pool.quarantine(frame, pages)
-            if queue.channel is not None:
-                self.session.evtchn.close(queue.channel.port)
+            for channel in {queue.channel, queue.rx_channel} - {None}:
+                self.session.evtchn.close(channel.port)
         self.queues = []
 
 
 VBD = DeviceLayout("vbd", (SharedArea("ring-ref", multi_page=True),), max_ring_page_order=4,
                    max_queues=4, extra_frontend_keys=("feature-large-sector-size",))
-VIF = DeviceLayout("vif", (SharedArea("tx-ring-ref"), SharedArea("rx-ring-ref")))
+VIF = DeviceLayout("vif", (SharedArea("tx-ring-ref"), SharedArea("rx-ring-ref")), max_queues=4,
+                   split_evtchn_keys=("event-channel-tx", "event-channel-rx"),
+                   extra_frontend_keys=("request-rx-copy", "feature-rx-notify", "feature-sg",
+                                        "feature-gso-tcpv4", "feature-gso-tcpv6",
+                                        "feature-no-csum-offload",
+                                        "feature-ipv6-csum-offload"),
+                   required_frontend_keys=(("request-rx-copy", "1"), ("feature-rx-notify", "1")))
 CONSOLE = DeviceLayout("console", (SharedArea("ring-ref"),), evtchn_key="port")
 LAYOUTS = {layout.type: layout for layout in (VBD, VIF, CONSOLE)}

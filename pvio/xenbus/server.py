@@ -144,6 +144,8 @@ class XenstoreServer:
         self.max_domains = max_domains
         self.domains: dict[int, Domain] = {}
         self.on_claim: ClaimHook | None = None
+        #: ``pvio net capture``: (port name, socket fd) -> None; owns the fd or raises.
+        self.on_capture: Callable[[str, int], None] | None = None
         self.on_domain_down: list[DomainHook] = []
         self._clients: set[_Client] = set()
         self.store.ensure("/local/domain/0/name", b"Domain-0")
@@ -376,7 +378,23 @@ class XenstoreServer:
             self._queue(client, reply)
             self.apply(events)
             return
-        if len(client.fds) != expected or client.domain is None:
+        if msg.type == wire.PVIO_CAPTURE and client.domain is None and \
+                len(client.fds) == expected:
+            fd = client.fds.pop(0)
+            try:
+                (port,) = wire.strings(msg.payload, 1)
+                if self.on_capture is None:
+                    raise XenstoreError("ENOENT", "this store has no switch")
+                self.on_capture(port, fd)
+            except (XenstoreError, ValueError) as exc:
+                os.close(fd)
+                name = exc.name if isinstance(exc, XenstoreError) else "EINVAL"
+                self._queue(client, wire.error(msg, name))
+                return
+            self._queue(client, wire.ok(msg))
+            return
+        if len(client.fds) != expected or client.domain is None or \
+                msg.type == wire.PVIO_CAPTURE:
             self._close_fds(client, len(client.fds))
             self._queue(client, wire.error(msg, "EINVAL"))
             return

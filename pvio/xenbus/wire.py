@@ -31,15 +31,22 @@ PVIO_BIND_EVTCHN = 0x70760002
 #: connection (what Xen's toolstack decides by creating the domain). Payload
 #: ``"<name>\0"``; no fds. Reply: ``"<domid>\0"``.
 PVIO_CLAIM = 0x70760003
+#: pvio extension, admin connections only: copy every frame a switch port
+#: sends or receives to the SOCK_SEQPACKET socket passed as the one fd
+#: (``pvio net capture``). Payload ``"<port>\0"``. Each message: u64
+#: CLOCK_REALTIME ns, u8 direction (0 into the switch, 1 out to the port),
+#: then the frame.
+PVIO_CAPTURE = 0x70760004
 
 _EXTENSION_NAMES = {
     PVIO_SHARE_MEMORY: "PVIO_SHARE_MEMORY",
     PVIO_BIND_EVTCHN: "PVIO_BIND_EVTCHN",
     PVIO_CLAIM: "PVIO_CLAIM",
+    PVIO_CAPTURE: "PVIO_CAPTURE",
 }
 
 #: How many fds each message type must carry; every other type carries none.
-FDS_EXPECTED = {PVIO_SHARE_MEMORY: 1, PVIO_BIND_EVTCHN: 2}
+FDS_EXPECTED = {PVIO_SHARE_MEMORY: 1, PVIO_BIND_EVTCHN: 2, PVIO_CAPTURE: 1}
 #: The most fds any message may carry (sizes the ancillary buffer).
 MAX_FDS = max(FDS_EXPECTED.values())
 

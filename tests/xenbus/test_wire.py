@@ -83,9 +83,11 @@ def test_type_names():
 
 
 def test_extension_types_are_outside_xens_range_and_fd_counts():
-    for t in (wire.PVIO_SHARE_MEMORY, wire.PVIO_BIND_EVTCHN, wire.PVIO_CLAIM):
+    for t in (wire.PVIO_SHARE_MEMORY, wire.PVIO_BIND_EVTCHN, wire.PVIO_CLAIM,
+              wire.PVIO_CAPTURE):
         assert t > XsdSockmsgType.TYPE_COUNT and t != XsdSockmsgType.INVALID
-    assert wire.FDS_EXPECTED == {wire.PVIO_SHARE_MEMORY: 1, wire.PVIO_BIND_EVTCHN: 2}
+    assert wire.FDS_EXPECTED == {wire.PVIO_SHARE_MEMORY: 1, wire.PVIO_BIND_EVTCHN: 2,
+                                 wire.PVIO_CAPTURE: 1}
     assert wire.MAX_FDS == 2
 
 

@@ -1,0 +1,495 @@
+"""netfront: a network device frontend any trio program can embed (io/netif.h).
+
+``nic = await open_netfront(session)`` attaches vif 0 of a domain session and
+waits for Connected. Then::
+
+    await nic.send(frame)              # an Ethernet frame (bytes or pvio.netif.Frame)
+    frame = await nic.receive()        # a pvio.netif.Frame (data, offload)
+    async for frame in nic: ...
+
+``send`` waits while the transmit backlog is full (backpressure); when the
+program stops calling ``receive``, netfront stops posting receive buffers, so
+the backend's bounded port queue drops the excess (counted there), as a real
+NIC does. ``nic.mac`` is the address the toolstack gave the vif.
+
+Each queue's TX and RX rings own fixed pages granted to the backend once
+(TX read-only, RX writable); a frame is copied into TX pages, split at page
+boundaries into a ``NETTXF_more_data`` chain (``feature-sg``); RX pages are
+found by ring slot, as Linux netfront does. With ``offloads=True`` netfront
+advertises GSO and checksum offload and passes :class:`pvio.netif.Offload`
+through both ways (what ``pvio netfront-tap`` maps to virtio-net headers);
+otherwise it sets ``feature-no-csum-offload`` and receives plain frames.
+
+Hardened against a hostile backend: responses are copied once; a TX response
+for an id not in flight, an RX response leaving its page, a bogus extra or an
+impossible ring index puts the device in an error state (every waiter gets
+:class:`NetDeviceError`).
+
+:class:`BlockingNetFront` is the blocking facade for plain code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from pvio.layouts import XEN_PAGE_SIZE, NetifRsp, NetTxFlag
+from pvio.netif import (
+    EXTRA,
+    NO_OFFLOAD,
+    RX_REQ,
+    RX_RSP,
+    TX_REQ,
+    TX_RSP,
+    Frame,
+    Offload,
+    RxProtocolError,
+    pack_extra_gso,
+    parse_rx_responses,
+)
+from pvio.ring import NETIF_RX, NETIF_TX, FrontRing, RingBrokenError, wait_for_work
+from pvio.xenbus.ringdev import DOM0, VIF, RingFrontendDriver
+
+log = logging.getLogger("pvio.netfront")
+
+_NETFRONT_KEYS = ("mac", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
+                  "feature-rx-copy", "feature-split-event-channels",
+                  "multi-queue-max-queues")
+#: The backend keys netfront reads when it attaches.
+NET_KEYS = _NETFRONT_KEYS
+
+
+class NetDeviceError(OSError):
+    """The device is unusable: the backend broke the protocol, or it is gone."""
+
+
+@dataclass(eq=False)
+class _Queue:
+    index: int
+    tx: FrontRing
+    rx: FrontRing
+    tx_pages: list[memoryview]
+    tx_refs: list[int]
+    rx_pages: list[memoryview]
+    rx_refs: list[int]
+    channels: tuple
+    free_ids: list[int] = field(default_factory=list)
+    in_flight: set[int] = field(default_factory=set)
+    backlog: deque = field(default_factory=deque)
+    idle: bool = False  # the queue's task sleeps: a new frame must wake it
+    carry: bytes = b""  # rx responses of a packet not wholly published yet
+    carry_start: int = 0
+    space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+
+class _Work:
+    def __init__(self, front: NetFront, queue: _Queue, tx: bool, rx: bool) -> None:
+        self.front, self.queue, self.tx, self.rx = front, queue, tx, rx
+
+    def final_check(self) -> int:
+        q = self.queue
+        work = 0
+        if self.tx:
+            if q.backlog and q.free_ids and q.tx.free_requests:
+                return 1
+            work += q.tx.final_check_for_responses()
+        if self.rx and not self.front._rx_full:
+            work += q.rx.final_check_for_responses()
+        return work
+
+
+@dataclass
+class NetFrontStats:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0  # packets the backend answered with an error
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0  # packets the backend failed (negative status)
+
+
+class NetFront(RingFrontendDriver):
+    layout = VIF
+
+    def __init__(self, session, *, queues: int = 1, split_event_channels: bool = True,
+                 offloads: bool = False, tx_backlog: int = 256, rx_backlog: int = 1024) -> None:
+        super().__init__(session, queues=queues, split_event_channels=split_event_channels)
+        self.offloads = offloads
+        self.tx_backlog = tx_backlog
+        self.rx_backlog = rx_backlog
+        self.mac = ""
+        self.mtu = 1500
+        self.stats = NetFrontStats()
+        self._q: list[_Queue] = []
+        self._buffers: list[tuple[int, list[int]]] = []  # (frame, refs) to free
+        self._rx_frames: deque[Frame] = deque()
+        self._rx_full = False
+        self._rx_lot = trio.lowlevel.ParkingLot()
+        self._error: NetDeviceError | None = None
+        self._scopes: list[trio.CancelScope] = []
+        self._gso_ok = False
+
+    # ------------------------------------------------------------ handshake
+
+    def frontend_features(self) -> dict[str, str]:
+        feats = {**super().frontend_features(), "feature-sg": "1"}
+        if self.offloads:
+            feats.update({"feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
+                          "feature-ipv6-csum-offload": "1"})
+        else:
+            feats["feature-no-csum-offload"] = "1"
+        return feats
+
+    async def publish(self, xs, path: str) -> None:
+        raw = await xs.read_or_none(f"{path}/mac")
+        self.mac = raw.decode("ascii", "replace") if raw else ""
+        mtu = await xs.read_or_none(f"{path}/mtu")
+        self.mtu = int(mtu) if mtu and mtu.isdigit() and 68 <= int(mtu) <= 65535 else 1500
+        await super().publish(xs, path)
+
+    def _grant_pages(self, count: int, readonly: bool) -> tuple[list[memoryview], list[int]]:
+        first = self.session.pool.alloc(count)
+        refs = [self.session.gnttab.grant_access(DOM0, first + i, readonly=readonly)
+                for i in range(count)]
+        self._buffers.append((first, refs))
+        return [self.session.pool.shm.page(first + i) for i in range(count)], refs
+
+    def setup(self) -> None:
+        self._q = []
+        for q, fq in enumerate(self.queues):
+            tx = FrontRing.init(NETIF_TX, self.area(0, q))
+            rx = FrontRing.init(NETIF_RX, self.area(1, q))
+            tx_pages, tx_refs = self._grant_pages(tx.nr_ents, readonly=True)
+            rx_pages, rx_refs = self._grant_pages(rx.nr_ents, readonly=False)
+            queue = _Queue(q, tx, rx, tx_pages, tx_refs, rx_pages, rx_refs,
+                           (fq.channel, fq.rx_channel))
+            queue.free_ids = list(range(tx.nr_ents - 1, -1, -1))
+            # Every RX slot holds a request for its own page: slot j <-> page j % N.
+            posts = bytearray(rx.nr_ents * RX_REQ.size)
+            for i, ref in enumerate(rx_refs):
+                RX_REQ.pack_into(posts, i * RX_REQ.size, i, 0, ref)
+            rx.put_requests(posts)
+            rx.push_requests()
+            self._q.append(queue)
+
+    async def attach(self, backend: dict[str, bytes | None]) -> None:
+        await super().attach(backend)
+        if (backend.get("feature-rx-copy") or b"0").strip() != b"1":
+            raise NetDeviceError("the backend does not offer feature-rx-copy")
+        self._gso_ok = self.offloads
+        self._error = None
+        self._scopes = []
+        for queue in self._q:
+            tx_ch, rx_ch = queue.channels
+            pairs = [(tx_ch, True, True)] if tx_ch is rx_ch else [(tx_ch, True, False),
+                                                                  (rx_ch, False, True)]
+            for channel, tx, rx in pairs:
+                scope = trio.CancelScope()
+                self._scopes.append(scope)
+                self.session._nursery.start_soon(self._serve, scope, queue, channel,
+                                                 _Work(self, queue, tx, rx))
+            rx_ch.notify()  # the backend may have missed the first RX posts
+
+    async def detach(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes = []
+        self._fail(NetDeviceError("the device is closed"), quiet=True)
+        await super().detach()
+
+    def release_transport(self) -> None:
+        for queue in self._q:
+            queue.tx.release()
+            queue.rx.release()
+            for view in queue.tx_pages + queue.rx_pages:
+                view.release()
+        for first, refs in self._buffers:
+            if all([self.session.gnttab.end_access(r) for r in refs]):
+                self.session.pool.free(first, len(refs))
+            else:
+                self.session.pool.quarantine(first, len(refs))
+        self._buffers = []
+        self._q = []
+        super().release_transport()
+
+    @property
+    def carrier(self) -> bool:
+        """Link state: the device is connected and usable."""
+        return bool(self._scopes) and self._error is None
+
+    # ------------------------------------------------------------ user API
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._q:
+            raise NetDeviceError("the device is not connected")
+
+    async def send(self, frame: bytes | Frame, offload: Offload = NO_OFFLOAD) -> None:
+        """Queue one Ethernet frame for transmission (waits while the backlog is full)."""
+        await self.send_many([frame if isinstance(frame, Frame) else Frame(bytes(frame), offload)])
+
+    async def send_many(self, frames: list[Frame | bytes]) -> None:
+        """Queue several frames (one wake-up of the ring task for all of them)."""
+        self._check()
+        n = len(self._q)
+        woken = set()
+        for frame in frames:
+            if not isinstance(frame, Frame):
+                frame = Frame(bytes(frame))
+            if not 14 <= len(frame.data) <= 0xFFFF:
+                raise ValueError(f"a frame must be 14..65535 bytes, not {len(frame.data)}")
+            if frame.offload.gso_type and not self._gso_ok:
+                raise ValueError("GSO frames need NetFront(offloads=True)")
+            queue = self._q[0 if n == 1 else hash(bytes(frame.data[26:38])) % n]
+            while len(queue.backlog) >= self.tx_backlog:
+                self._wake_tx(queue)
+                await queue.space.park()
+                self._check()
+            queue.backlog.append(frame)
+            woken.add(queue)
+        for queue in woken:
+            self._wake_tx(queue)
+        await trio.lowlevel.checkpoint()
+
+    @staticmethod
+    def _wake_tx(queue: _Queue) -> None:
+        if queue.idle:
+            queue.idle = False
+            queue.channels[0].set_pending()
+
+    async def receive(self) -> Frame:
+        """The next received frame (waits for one)."""
+        return (await self.receive_many(1))[0]
+
+    async def receive_many(self, limit: int = 64) -> list[Frame]:
+        """Up to ``limit`` received frames (waits for at least one)."""
+        while not self._rx_frames:
+            self._check()
+            await self._rx_lot.park()
+        frames = self._rx_frames
+        out = [frames.popleft() for _ in range(min(limit, len(frames)))]
+        if self._rx_full and len(frames) < self.rx_backlog // 2:
+            self._rx_full = False
+            for queue in self._q:
+                queue.channels[1].set_pending()
+        return out
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self.receive()
+        except NetDeviceError:
+            raise StopAsyncIteration from None
+
+    # ------------------------------------------------------------ service
+
+    def _fail(self, exc: NetDeviceError, quiet: bool = False) -> None:
+        if self._error is None:
+            self._error = exc
+            if not quiet:
+                log.error("vif: %s; the device is unusable", exc)
+        self._rx_lot.unpark_all()
+        for queue in self._q:
+            queue.space.unpark_all()
+
+    async def _serve(self, scope: trio.CancelScope, queue: _Queue, channel,
+                     work: _Work) -> None:
+        with scope:
+            while self._error is None:
+                try:
+                    done = 0
+                    if work.tx:
+                        done += self._tx_responses(queue) + self._tx_send(queue)
+                    if work.rx:
+                        done += self._rx(queue)
+                except (RingBrokenError, RxProtocolError, NetDeviceError) as exc:
+                    self._fail(exc if isinstance(exc, NetDeviceError)
+                               else NetDeviceError(f"backend broke the protocol: {exc}"))
+                    return
+                if done:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if work.tx:
+                    queue.idle = True
+                await wait_for_work(work, channel)
+                if work.tx:
+                    queue.idle = False
+
+    def _tx_responses(self, queue: _Queue) -> int:
+        raw = queue.tx.take_responses()
+        n = len(raw) // TX_RSP.size
+        for k in range(n):
+            rid, status = TX_RSP.unpack_from(raw, k * TX_RSP.size)
+            if status == NetifRsp.NULL:
+                continue
+            if rid not in queue.in_flight:
+                raise NetDeviceError(f"tx response for id {rid}, which is not in flight")
+            queue.in_flight.discard(rid)
+            queue.free_ids.append(rid)
+            if status != NetifRsp.OKAY:
+                self.stats.tx_errors += 1
+        return n
+
+    def _tx_send(self, queue: _Queue) -> int:
+        backlog = queue.backlog
+        sent = 0
+        out = bytearray()
+        free_slots = queue.tx.free_requests
+        while backlog:
+            frame = backlog[0]
+            data, off = frame.data, frame.offload
+            chunks = -(-len(data) // XEN_PAGE_SIZE)
+            slots = chunks + (1 if off.gso_type else 0)
+            if chunks > len(queue.free_ids) or slots > free_slots:
+                break
+            backlog.popleft()
+            free_slots -= slots
+            flags = 0
+            if off.csum_blank:
+                flags |= NetTxFlag.CSUM_BLANK | NetTxFlag.DATA_VALIDATED
+            elif off.data_validated:
+                flags |= NetTxFlag.DATA_VALIDATED
+            for c in range(chunks):
+                rid = queue.free_ids.pop()
+                queue.in_flight.add(rid)
+                piece = data[c * XEN_PAGE_SIZE:(c + 1) * XEN_PAGE_SIZE]
+                queue.tx_pages[rid][:len(piece)] = piece
+                f = flags if c == 0 else 0
+                if c < chunks - 1:
+                    f |= NetTxFlag.MORE_DATA
+                if c == 0 and off.gso_type:
+                    f |= NetTxFlag.EXTRA_INFO
+                out += TX_REQ.pack(queue.tx_refs[rid], 0, f, rid,
+                                   len(data) if c == 0 else len(piece))
+                if c == 0 and off.gso_type:
+                    extra = bytearray(TX_REQ.size)
+                    pack_extra_gso(extra, 0, off.gso_type, off.gso_size)
+                    out += extra
+            self.stats.tx_packets += 1
+            self.stats.tx_bytes += len(data)
+            sent += 1
+        if sent:
+            _, notify = queue.tx.produce(out)
+            if notify:
+                queue.channels[0].notify()
+            queue.space.unpark_all()
+        return sent
+
+    def _rx(self, queue: _Queue) -> int:
+        if self._rx_full:
+            return 0
+        ring = queue.rx
+        raw = ring.take_responses()
+        if not raw and not queue.carry:
+            return 0
+        if queue.carry:  # a chain the backend had not finished publishing last time
+            raw = queue.carry + bytes(raw)
+        start = queue.carry_start if queue.carry else ring.rsp_cons - len(raw) // RX_RSP.size
+        n_ents = ring.nr_ents
+        packets, used = parse_rx_responses(raw, start, gso_ok=self._gso_ok)
+        queue.carry = bytes(raw[used * RX_RSP.size:])
+        queue.carry_start = start + used
+        for packet in packets:  # fragments sit in their requests' slots, with their ids
+            for c in packet.chunks:
+                if c.id != c.slot % n_ents:
+                    raise RxProtocolError(f"rx response in slot {c.slot} has id {c.id}, "
+                                          f"expected {c.slot % n_ents}")
+        for packet in packets:
+            if packet.error:
+                self.stats.rx_errors += 1
+                continue
+            pages = queue.rx_pages
+            if len(packet.chunks) == 1:
+                c = packet.chunks[0]
+                data = bytes(pages[c.slot % n_ents][c.offset:c.offset + c.length])
+            else:
+                data = b"".join(bytes(pages[c.slot % n_ents][c.offset:c.offset + c.length])
+                                for c in packet.chunks)
+            self.stats.rx_packets += 1
+            self.stats.rx_bytes += len(data)
+            self._rx_frames.append(Frame(data, packet.offload))
+        if packets:
+            self._rx_lot.unpark_all()
+        # Re-post every consumed slot for its own page.
+        posts = bytearray(used * RX_REQ.size)
+        for k in range(used):
+            i = (start + k) % n_ents
+            RX_REQ.pack_into(posts, k * RX_REQ.size, i, 0, queue.rx_refs[i])
+        ring.put_requests(posts)
+        if ring.push_requests():
+            queue.channels[1].notify()
+        if len(self._rx_frames) >= self.rx_backlog:
+            self._rx_full = True
+        return len(packets)
+
+
+async def open_netfront(session, devid: int = 0, *, timeout: float = 10.0,
+                        **kwargs) -> NetFront:
+    """Attach vif ``devid`` of ``session`` and wait until it is connected."""
+    front = NetFront(session, **kwargs)
+    device = await session.attach(front, devid, NET_KEYS)
+    with trio.fail_after(timeout):
+        await device.connected.wait()
+    front.device = device
+    return front
+
+
+class BlockingNetFront:
+    """:class:`NetFront` for plain code (a trio loop in a background thread).
+
+    ``with BlockingNetFront(socket_path, "guest") as nic: nic.send(frame);
+    frame = nic.receive(timeout=1)``.
+    """
+
+    def __init__(self, socket_path: str, name: str = "guest", devid: int = 0,
+                 **kwargs) -> None:
+        from pvio.frontends.session import BlockingSession
+
+        self._session = BlockingSession(socket_path, name)
+        self._devid = devid
+        self._kwargs = kwargs
+        self.front: NetFront | None = None
+
+    def __enter__(self) -> BlockingNetFront:
+        self._session.__enter__()
+        try:
+            self.front = self._session.call(self._open)
+        except BaseException:
+            self._session.__exit__(None, None, None)
+            raise
+        return self
+
+    async def _open(self) -> NetFront:
+        return await open_netfront(self._session.session, self._devid, **self._kwargs)
+
+    @property
+    def mac(self) -> str:
+        return self.front.mac
+
+    def send(self, frame: bytes | Frame) -> None:
+        self._session.call(self.front.send, frame)
+
+    def receive(self, timeout: float | None = None) -> Frame:
+        """The next frame; raises TimeoutError after ``timeout`` seconds."""
+        async def one() -> Frame:
+            if timeout is None:
+                return await self.front.receive()
+            with trio.fail_after(timeout):
+                return await self.front.receive()
+
+        try:
+            return self._session.call(one)
+        except trio.TooSlowError:
+            raise TimeoutError(f"no frame within {timeout} s") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self._session.__exit__(*exc)
+
+
+__all__ = ["EXTRA", "BlockingNetFront", "NetDeviceError", "NetFront", "open_netfront"]
