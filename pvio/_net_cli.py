@@ -59,6 +59,8 @@ def add_arguments(sub) -> None:
     cap.add_argument("--socket", help="the daemon's guest socket (its admin socket is used)")
     cap.add_argument("--count", type=int, help="stop after this many frames")
     cap.add_argument("--duration", type=float, help="stop after this many seconds")
+    cap.add_argument("--snaplen", type=int, default=262144,
+                     help="bytes kept of each frame (default: 262144, all)")
     cap.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -69,7 +71,8 @@ def run(args) -> int:
         admin = cfg.admin_socket_for(args.socket or cfg.default_socket())
         try:
             return trio.run(lambda: capture(admin, args.port, args.file, count=args.count,
-                                            duration=args.duration, quiet=args.quiet))
+                                            duration=args.duration, snaplen=args.snaplen,
+                                            quiet=args.quiet))
         except (OSError, LookupError) as exc:
             print(f"pvio net capture: {exc}", file=sys.stderr)
             return 1

@@ -22,14 +22,14 @@ import trio
 from pvio.netif import Frame
 from pvio.pcap import SNAPLEN, PcapWriter
 
-RECORD = struct.Struct("<QB")  # CLOCK_REALTIME ns, direction (0 in, 1 out)
+RECORD = struct.Struct("<QBI")  # CLOCK_REALTIME ns, direction (0 in, 1 out), frame length
 SOCKET_BUFFER = 4 << 20
 
 
 class CaptureTap:
     """Daemon side: mirror a port's frames to a capture socket (never blocks)."""
 
-    def __init__(self, sock: socket.socket, port) -> None:
+    def __init__(self, sock: socket.socket, port, snaplen: int = SNAPLEN) -> None:
         if sock.type != socket.SOCK_SEQPACKET:
             raise ValueError("a capture needs a SOCK_SEQPACKET socket")
         sock.setblocking(False)
@@ -37,13 +37,14 @@ class CaptureTap:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         self.sock = sock
         self.port = port
+        self.snaplen = max(14, min(snaplen, SNAPLEN))
         self.lost = 0
         port.taps.append(self)
 
     def __call__(self, direction: str, frame: Frame) -> None:
         try:
-            self.sock.sendmsg([RECORD.pack(time.time_ns(), direction != "in"),
-                               frame.data[:SNAPLEN]])
+            self.sock.sendmsg([RECORD.pack(time.time_ns(), direction != "in", len(frame.data)),
+                               frame.data[:self.snaplen]])
         except BlockingIOError:
             self.lost += 1
         except OSError:  # the capture ended
@@ -56,18 +57,18 @@ class CaptureTap:
 
 
 async def capture(admin_socket: str, port: str, out_path: str, *, count: int | None,
-                  duration: float | None, quiet: bool = False) -> int:
+                  duration: float | None, snaplen: int = SNAPLEN, quiet: bool = False) -> int:
     """Client side: capture until ``count`` frames, ``duration`` s, or SIGINT/SIGTERM."""
     from pvio.xenbus.client import open_client
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     with ours, open(out_path, "wb") as out:
-        writer = PcapWriter(out)
+        writer = PcapWriter(out, snaplen)
         out.flush()
         try:
             async with open_client(admin_socket) as xs:
-                await xs.capture(port, theirs.fileno())
+                await xs.capture(port, theirs.fileno(), snaplen)
         finally:
             theirs.close()
         if not quiet:
@@ -88,8 +89,8 @@ async def capture(admin_socket: str, port: str, out_path: str, *, count: int | N
                     msg = await tsock.recv(SNAPLEN + RECORD.size)
                     if not msg:
                         break
-                    ts, _direction = RECORD.unpack_from(msg)
-                    writer.write(msg[RECORD.size:], ts)
+                    ts, _direction, length = RECORD.unpack_from(msg)
+                    writer.write(msg[RECORD.size:], ts, length)
                     out.flush()
                 else:
                     reason = f"{count} frames captured"

@@ -250,11 +250,15 @@ class Daemon:
             raise XenstoreError("ENOENT", f"no switch port {name!r} (ports: {known})")
         return port
 
-    def _capture(self, name: str, fd: int) -> None:
-        port = self._switch_port(name)
+    def _capture(self, name: str, fd: int, snaplen: int) -> None:
+        try:
+            port = self._switch_port(name)
+        except XenstoreError:
+            os.close(fd)
+            raise
         sock = socket.socket(fileno=fd)
         try:
-            CaptureTap(sock, port)
+            CaptureTap(sock, port, snaplen)
         except ValueError as exc:
             sock.detach()
             raise XenstoreError("EINVAL", str(exc)) from exc

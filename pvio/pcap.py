@@ -27,10 +27,12 @@ class PcapWriter:
         self.frames = 0
         out.write(FILE_HEADER.pack(MAGIC, 2, 4, 0, 0, snaplen, LINKTYPE_ETHERNET))
 
-    def write(self, frame: bytes, ts_ns: int) -> None:
+    def write(self, frame: bytes, ts_ns: int, orig_len: int | None = None) -> None:
+        """One record; ``orig_len`` is the frame's length before truncation (if cut)."""
         data = frame[:self.snaplen]
         sec, ns = divmod(ts_ns, 1_000_000_000)
-        self.out.write(RECORD_HEADER.pack(sec, ns // 1000, len(data), len(frame)))
+        self.out.write(RECORD_HEADER.pack(sec, ns // 1000, len(data),
+                                          max(len(frame), orig_len or 0)))
         self.out.write(data)
         self.frames += 1
 

@@ -53,52 +53,47 @@ def _listening(ns: Netns, port: int) -> bool:
     return False
 
 
-def veth_tcp(seconds: float) -> dict:
-    """iperf3 TCP throughput from one namespace to another over a veth pair.
+def iperf3_tcp(server_ns: Netns, client_ns: Netns, server_addr: str, seconds: float,
+               extra: tuple[str, ...] = ()) -> dict:
+    """One iperf3 TCP test from ``client_ns`` to ``server_addr`` in ``server_ns``.
 
     ``seconds`` is rounded to whole seconds (at least 1): iperf3's ``-t`` is an
     integer. Returns ``bits_per_second`` (end.sum_received), ``retransmits``
-    (end.sum_sent), and the ``bytes`` and ``seconds`` of sum_received."""
-    reason = available()
-    if reason is not None:
-        raise BenchError(f"veth baseline: {reason}")
+    (end.sum_sent), the ``bytes`` and ``seconds`` of sum_received, and the
+    per-interval receive rates (``intervals``, bits/s) to spot stalls."""
     if shutil.which("iperf3") is None:
-        raise BenchError("veth baseline: iperf3 is not installed")
+        raise BenchError("iperf3 is not installed")
     duration = max(1, round(seconds))
+    server = server_ns.popen(
+        "iperf3", "-s", "-1", "-J", "-B", server_addr, "-p", str(IPERF_PORT),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     try:
-        with Netns("pvio-srv") as server_ns, Netns("pvio-cli") as client_ns:
-            veth_pair(server_ns, client_ns, f"{_SERVER_ADDR}/24", f"{_CLIENT_ADDR}/24")
-            server = server_ns.popen(
-                "iperf3", "-s", "-1", "-J", "-B", _SERVER_ADDR, "-p", str(IPERF_PORT),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True)
-            deadline = time.monotonic() + _START_TIMEOUT
-            while not _listening(server_ns, IPERF_PORT):
-                if server.poll() is not None:
-                    out, err = server.communicate()
-                    raise BenchError(f"iperf3 server exited ({server.returncode}): "
-                                     f"{(err or out).strip()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"iperf3 server not listening after {_START_TIMEOUT} s")
-                time.sleep(0.02)
-            client = client_ns.run(
-                "iperf3", "-c", _SERVER_ADDR, "-p", str(IPERF_PORT), "-t", str(duration),
-                "-J", check=False, timeout=duration + 30)
-            try:
-                result = json.loads(client.stdout)
-            except ValueError:
-                raise BenchError(f"iperf3 client (exit {client.returncode}) printed no JSON: "
-                                 f"{(client.stderr or client.stdout).strip()[-2000:]}"
-                                 ) from None
-            if client.returncode != 0 or "error" in result:
-                raise BenchError(f"iperf3 client failed (exit {client.returncode}): "
-                                 f"{result.get('error', client.stderr.strip())}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.communicate(timeout=5)  # -1: it exits after this one test
-    except RuntimeError as exc:  # Netns / veth_pair / run failures
-        if isinstance(exc, BenchError):
-            raise
-        raise BenchError(f"veth baseline: {exc}") from exc
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not _listening(server_ns, IPERF_PORT):
+            if server.poll() is not None:
+                out, err = server.communicate()
+                raise BenchError(f"iperf3 server exited ({server.returncode}): "
+                                 f"{(err or out).strip()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"iperf3 server not listening after {_START_TIMEOUT} s")
+            time.sleep(0.02)
+        client = client_ns.run(
+            "iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", str(duration),
+            "-J", *extra, check=False, timeout=duration + 30)
+        try:
+            result = json.loads(client.stdout)
+        except ValueError:
+            raise BenchError(f"iperf3 client (exit {client.returncode}) printed no JSON: "
+                             f"{(client.stderr or client.stdout).strip()[-2000:]}"
+                             ) from None
+        if client.returncode != 0 or "error" in result:
+            raise BenchError(f"iperf3 client failed (exit {client.returncode}): "
+                             f"{result.get('error', client.stderr.strip())}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.communicate(timeout=5)  # -1: it exits after this one test
+    finally:
+        stop_process(server)
     try:
         received = result["end"]["sum_received"]
         sent = result["end"]["sum_sent"]
@@ -107,9 +102,26 @@ def veth_tcp(seconds: float) -> dict:
             "retransmits": int(sent["retransmits"]),
             "bytes": int(received["bytes"]),
             "seconds": float(received["seconds"]),
+            "intervals": [float(i["sum"]["bits_per_second"]) for i in result["intervals"]],
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise BenchError(f"iperf3 JSON without end.sum_received/sum_sent: {exc!r}") from None
+
+
+def veth_tcp(seconds: float) -> dict:
+    """iperf3 TCP throughput from one namespace to another over a veth pair
+    (see :func:`iperf3_tcp` for what is returned)."""
+    reason = available()
+    if reason is not None:
+        raise BenchError(f"veth baseline: {reason}")
+    try:
+        with Netns("pvio-srv") as server_ns, Netns("pvio-cli") as client_ns:
+            veth_pair(server_ns, client_ns, f"{_SERVER_ADDR}/24", f"{_CLIENT_ADDR}/24")
+            return iperf3_tcp(server_ns, client_ns, _SERVER_ADDR, seconds)
+    except RuntimeError as exc:  # Netns / veth_pair / run failures
+        if isinstance(exc, BenchError):
+            raise
+        raise BenchError(f"veth baseline: {exc}") from exc
 
 
 # ------------------------------------------------------------ Unix datagram relay

@@ -183,9 +183,9 @@ class XsClient:
         """pvio extension: become the configured domain ``name``; returns our domid."""
         return int(wire.strings(await self.request(wire.PVIO_CLAIM, wire.join([name])), 1)[0])
 
-    async def capture(self, port: str, fd: int) -> None:
+    async def capture(self, port: str, fd: int, snaplen: int = 262144) -> None:
         """pvio extension (admin only): mirror switch port ``port`` to SEQPACKET ``fd``."""
-        await self.request(wire.PVIO_CAPTURE, wire.join([port]), fds=[fd])
+        await self.request(wire.PVIO_CAPTURE, wire.join([port, str(snaplen)]), fds=[fd])
 
     async def aclose(self) -> None:
         self._sock.close()

@@ -144,8 +144,8 @@ class XenstoreServer:
         self.max_domains = max_domains
         self.domains: dict[int, Domain] = {}
         self.on_claim: ClaimHook | None = None
-        #: ``pvio net capture``: (port name, socket fd) -> None; owns the fd or raises.
-        self.on_capture: Callable[[str, int], None] | None = None
+        #: ``pvio net capture``: (port name, socket fd, snaplen) -> None; owns the fd or raises.
+        self.on_capture: Callable[[str, int, int], None] | None = None
         self.on_domain_down: list[DomainHook] = []
         self._clients: set[_Client] = set()
         self.store.ensure("/local/domain/0/name", b"Domain-0")
@@ -382,10 +382,14 @@ class XenstoreServer:
                 len(client.fds) == expected:
             fd = client.fds.pop(0)
             try:
-                (port,) = wire.strings(msg.payload, 1)
+                args = msg.payload.split(b"\0")[:-1]
+                if len(args) not in (1, 2) or (len(args) == 2 and not args[1].isdigit()):
+                    raise XenstoreError("EINVAL", "capture payload: port[, snaplen]")
+                port = args[0].decode("utf-8", "replace")
+                snaplen = int(args[1]) if len(args) == 2 else 262144
                 if self.on_capture is None:
                     raise XenstoreError("ENOENT", "this store has no switch")
-                self.on_capture(port, fd)
+                self.on_capture(port, fd, snaplen)
             except (XenstoreError, ValueError) as exc:
                 os.close(fd)
                 name = exc.name if isinstance(exc, XenstoreError) else "EINVAL"

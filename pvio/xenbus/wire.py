@@ -35,7 +35,7 @@ PVIO_CLAIM = 0x70760003
 #: sends or receives to the SOCK_SEQPACKET socket passed as the one fd
 #: (``pvio net capture``). Payload ``"<port>\0"``. Each message: u64
 #: CLOCK_REALTIME ns, u8 direction (0 into the switch, 1 out to the port),
-#: then the frame.
+#: u32 the frame's length, then its first snaplen bytes.
 PVIO_CAPTURE = 0x70760004
 
 _EXTENSION_NAMES = {
