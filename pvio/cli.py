@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     from pvio.bench import block as bench_block
     from pvio.bench import console as bench_console
+    from pvio.bench import net as bench_net
     from pvio.bench import ring as bench_ring
 
     bench_ring.add_arguments(
@@ -149,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
             "console",
             help="console throughput and echo latency vs a plain pty pair and a socketpair",
             description=bench_console.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    bench_net.add_arguments(
+        bench_sub.add_parser(
+            "net",
+            help="iperf3 TCP and 64-byte frames/s through pvio vs veth and a Python relay",
+            description=bench_net.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -215,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             from pvio.bench import block as bench_block
 
             return bench_block.run(args)
+        if args.bench == "net":
+            from pvio.bench import net as bench_net
+
+            return bench_net.run(args)
         if args.bench == "console":
             from pvio.bench import console as bench_console
 

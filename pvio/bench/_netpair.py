@@ -81,8 +81,11 @@ def _wait_for(pred, what: str, timeout: float, procs: dict[str, subprocess.Popen
 
 
 @contextlib.contextmanager
-def pvio_pair(*, offloads: bool = True, timeout: float = 30.0) -> Iterator[PvioPair]:
-    """A daemon and two namespaces whose ``pv0`` TAPs are pvio netfronts (see module doc)."""
+def pvio_pair(*, offloads: bool = True, taps: bool = True,
+              timeout: float = 30.0) -> Iterator[PvioPair]:
+    """A daemon and two namespaces whose ``pv0`` TAPs are pvio netfronts (see module doc).
+
+    ``taps=False``: only the daemon (domains ``a`` and ``b`` left for the caller)."""
     root = tempfile.mkdtemp(prefix="pvio-net-", dir="/tmp")
     stack = contextlib.ExitStack()
     try:
@@ -102,16 +105,17 @@ def pvio_pair(*, offloads: bool = True, timeout: float = 30.0) -> Iterator[PvioP
         pair = PvioPair(root, sock, ns_a, ns_b, daemon)
         _wait_for(lambda: os.path.exists(sock + ".admin"), "the daemon's sockets", timeout,
                   {"daemon": daemon}, pair)
-        for name, ns, addr in (("tap-a", ns_a, ADDR_A), ("tap-b", ns_b, ADDR_B)):
+        for name, ns, addr in (("tap-a", ns_a, ADDR_A), ("tap-b", ns_b, ADDR_B))[:2 * taps]:
             argv = ["netfront-tap", "--socket", sock, "--domain", name[-1], "--ifname", IFNAME,
                     "--address", f"{addr}/24"] + ([] if offloads else ["--no-offloads"])
             with open(os.path.join(root, f"{name}.log"), "wb") as log:
                 pair.taps.append(ns.popen(sys.executable, "-m", "pvio", *argv, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env))
-        procs = {"daemon": daemon, "tap-a": pair.taps[0], "tap-b": pair.taps[1]}
-        _wait_for(lambda: all(" is vif " in pair.log(f"{n}.log") for n in ("tap-a", "tap-b")),
-                  "both netfront-tap processes", timeout, procs, pair)
+        if taps:
+            procs = {"daemon": daemon, "tap-a": pair.taps[0], "tap-b": pair.taps[1]}
+            _wait_for(lambda: all(" is vif " in pair.log(f"{n}.log") for n in ("tap-a", "tap-b")),
+                      "both netfront-tap processes", timeout, procs, pair)
         yield pair
     finally:
         stack.close()
