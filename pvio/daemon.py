@@ -60,8 +60,13 @@ class _Attached:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """The daemon. ``backend_classes`` replaces the backend of a device type
+    (``"vbd"``, ``"vif"``, ``"console"``), e.g. the conformance kit's instrumented ones."""
+
+    def __init__(self, config: Config, *, backend_classes: dict | None = None) -> None:
         self.config = config
+        self.backend_classes = {"vbd": BlkBackend, "console": ConsoleBackend, "vif": NetBackend,
+                                **(backend_classes or {})}
         self.server = XenstoreServer(admin_uids=config.admin_uids, guest_uids=config.guest_uids)
         self.server.on_claim = self._claim
         self.server.on_domain_down.append(self._release)
@@ -143,17 +148,18 @@ class Daemon:
         if dev.type == "vbd":
             image = os.path.join(self.config.data_dir, dev.options["image"])
             ensure_image(image, dev.options["size"])
-            return BlkBackend(domain, image, dev.options["mode"],
-                              sector_size=dev.options["sector_size"])
+            return self.backend_classes["vbd"](domain, image, dev.options["mode"],
+                                               sector_size=dev.options["sector_size"])
         if dev.type == "console":
             log_dir = os.path.join(self.config.data_dir, "console")
             os.makedirs(log_dir, mode=0o700, exist_ok=True)
             log_path = dev.options.get("log") or os.path.join(
                 log_dir, f"{name}-{dev.devid}.log")
-            return ConsoleBackend(domain, log_path=log_path,
-                                  limit=dev.options.get("limit", 1 << 20))
-        return NetBackend(domain, dev.options["mac"], self.switch, devid=dev.devid,
-                          queue_frames=self.config.switch.queue_frames)
+            return self.backend_classes["console"](domain, log_path=log_path,
+                                                   limit=dev.options.get("limit", 1 << 20))
+        return self.backend_classes["vif"](domain, dev.options["mac"], self.switch,
+                                           devid=dev.devid,
+                                           queue_frames=self.config.switch.queue_frames)
 
     async def _claim(self, domain: Domain, name: str) -> None:
         dom_cfg = self.config.domains.get(name)
