@@ -10,10 +10,10 @@ and event floods. Devices are released between checks.
 
 **Frontend kit** (:data:`BLOCK_FRONTEND_CHECKS`, :func:`check_block_frontend`):
 pvio plays the backend. It runs an in-process daemon whose blkback records
-what the frontend does (:class:`StrictBlkBackend`), starts the frontend (a
+what the frontend does (a recording blkback subclass), starts the frontend (a
 program, or an async factory) with the store socket in ``PVIO_SOCKET`` and the
 domain in ``PVIO_DOMAIN``, and checks the frontend's state sequence, keys and
-requests. Then it plays hostile backends (:class:`HostileBlkBackend`: a
+requests. Then it plays hostile backends (a
 response with a wrong id, an impossible ``rsp_prod``, a backend that vanishes)
 and checks that the frontend notices instead of hanging or crashing.
 """
@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import os
 import random
-import shlex
-import shutil
-import signal
 import struct
-import subprocess
 import sys
-import tempfile
-from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -49,6 +43,21 @@ from pvio.testing._blk import (
     seg_bytes,
 )
 from pvio.testing._core import Check, KitError, Report, expect, run_checks
+from pvio.testing._frontend import (
+    FrontendEnv,
+    FrontendTarget,
+    Observation,
+    Scenario,
+    closes,
+    completed,
+    decimal_key,
+    device_of,
+    noticed,
+    run_frontend,
+    state_order,
+    survived,
+    vanish,
+)
 from pvio.xenbus.device import backend_path
 from pvio.xenbus.state import parse_state
 
@@ -385,45 +394,14 @@ async def check_block_backend(target: BackendTarget, *, select=None,
 
 # ====================================================================== frontend kit
 
-FrontendFactory = Callable[[str, str], Awaitable[None]]  # (socket, domain) -> done
 
-
-@dataclass
-class FrontendTarget:
-    """The frontend under test: a command line, or an async factory (in-process)."""
-
-    command: list[str] | None = None
-    factory: FrontendFactory | None = None
-    timeout: float = 30.0
-
-    def describe(self) -> str:
-        return shlex.join(self.command) if self.command else getattr(
-            self.factory, "__name__", "frontend")
-
-
-@dataclass
-class Observation:
-    """What the strict backend saw the frontend do."""
-
-    states: list[S] = field(default_factory=list)
-    keys_at_initialised: dict[str, bytes | None] = field(default_factory=dict)
-    backend_state_when_connected: S | None = None
-    requests: int = 0
-    invalid: list[str] = field(default_factory=list)  # validation failures, with reasons
-    duplicate_ids: list[int] = field(default_factory=list)
-    ring_broken: str = ""
-    exit_status: int | None = None
-    exit_signal: int | None = None
-    timed_out: bool = False
-    output: str = ""
-
-
-def _instrumented(base, obs: Observation, misbehave: str = ""):
+def _instrumented(obs: Observation, misbehave: str = ""):
     """A BlkBackend subclass that records requests (and misbehaves if asked)."""
     from pvio import blkif
+    from pvio.backends.blkback import BlkBackend
 
-    class Instrumented(base):
-        def _record(self, reqs) -> None:
+    class StrictBlkBackend(BlkBackend):
+        async def _execute(self, reqs, mapper, pool, feats):
             in_flight: set[int] = set()
             for req in reqs:
                 obs.requests += 1
@@ -433,9 +411,6 @@ def _instrumented(base, obs: Observation, misbehave: str = ""):
                 if req.id in in_flight:
                     obs.duplicate_ids.append(req.id)
                 in_flight.add(req.id)
-
-        async def _execute(self, reqs, mapper, pool, feats):
-            self._record(reqs)
             results = await super()._execute(reqs, mapper, pool, feats)
             for req, (rid, _, status) in zip(reqs, results, strict=True):
                 if isinstance(req, blkif.BlkRequest) and status != BlkifRsp.OKAY:
@@ -445,7 +420,7 @@ def _instrumented(base, obs: Observation, misbehave: str = ""):
                 results = [((rid + 1) & ((1 << 64) - 1), op, st) for rid, op, st in results]
             return results
 
-    return Instrumented
+    return StrictBlkBackend
 
 
 _FRONTEND_CONFIG = """
@@ -459,223 +434,77 @@ name = "{domain}"
 """
 
 
-async def _run_frontend(target: FrontendTarget, misbehave: str = "",
-                        domain: str = "guest") -> Observation:
-    """Start a daemon with an instrumented blkback, run the frontend once, observe."""
-    from pvio import config as cfg
-    from pvio import daemon as daemon_mod
-    from pvio.backends import blkback
-
-    obs = Observation()
-    root = tempfile.mkdtemp(prefix="pvio-conf-", dir="/tmp")
-    config = cfg.parse(_FRONTEND_CONFIG.format(domain=domain), source="conformance",
-                       socket=f"{root}/xb.sock", data_dir=f"{root}/data")
-    backend_class = _instrumented(blkback.BlkBackend, obs, misbehave)
-    try:
-        async with trio.open_nursery() as nursery:
-            daemon = await nursery.start(
-                daemon_mod.Daemon(config, backend_classes={"vbd": backend_class}).run)
-            nursery.start_soon(_watch_states, daemon, domain, obs)
-            if misbehave == "bad-rsp-prod":
-                nursery.start_soon(_corrupt_rsp_prod, daemon, domain)
-            if misbehave == "vanish":
-                nursery.start_soon(_vanish, daemon, domain)
-            await _start(target, config.socket, domain, obs)
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await daemon.shutdown(frontend_timeout=1)
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return obs
-
-
-async def _start(target: FrontendTarget, socket_path: str, domain: str,
-                 obs: Observation) -> None:
-    if target.factory is not None:
-        with trio.move_on_after(target.timeout) as scope:
-            try:
-                await target.factory(socket_path, domain)
-                obs.exit_status = 0
-            except Exception as exc:
-                obs.exit_status = 1
-                obs.output = f"{type(exc).__name__}: {exc}"
-        obs.timed_out = scope.cancelled_caught
-        return
-    env = {**os.environ, "PVIO_SOCKET": socket_path, "PVIO_DOMAIN": domain}
-    env.pop("NOTIFY_SOCKET", None)
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(target.command, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            with trio.move_on_after(target.timeout) as scope:
-                while proc.poll() is None:
-                    await trio.sleep(0.02)
-            obs.timed_out = scope.cancelled_caught
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(3)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        rc = proc.returncode
-        obs.exit_status, obs.exit_signal = (rc, None) if rc >= 0 else (None, -rc)
-        out.seek(0)
-        obs.output = out.read().decode("utf-8", "replace")[-4000:]
-
-
-async def _watch_states(daemon, domain: str, obs: Observation) -> None:
-    """Record the frontend's state changes and the keys present when it went Initialised."""
-    from pvio.layouts import XenbusState
-
-    last = None
+async def _corrupt_rsp_prod(daemon, domain: str, obs: Observation) -> None:
+    """Hostile: once requests flow, publish an rsp_prod far beyond them."""
     while True:
-        attached = daemon._claimed.get(domain)
-        if attached is not None and attached.devices:
-            device = attached.devices[0]
-            raw = await daemon._peek(f"{device.fe}/state")
-            state = parse_state(raw)
-            if state != last and raw is not None:
-                obs.states.append(state)
-                if state == XenbusState.Initialised:
-                    for key in ("ring-ref", "ring-page-order", "ring-ref0", "event-channel",
-                                "protocol"):
-                        obs.keys_at_initialised[key] = await daemon._peek(
-                            f"{device.fe}/{key}")
-                if state == XenbusState.Connected:
-                    obs.backend_state_when_connected = parse_state(
-                        await daemon._peek(f"{device.be}/state"))
-                last = state
-        await trio.sleep(0.002)
-
-
-async def _corrupt_rsp_prod(daemon, domain: str) -> None:
-    """Hostile: once connected, publish an rsp_prod far beyond what was requested."""
-    while True:
-        attached = daemon._claimed.get(domain)
-        driver = attached.devices[0].driver if attached and attached.devices else None
-        if driver is not None and driver.conn is not None:
-            buf = driver.conn.queues[0].mappings[0].buf
+        device = device_of(daemon, domain)
+        conn = device.driver.conn if device is not None else None
+        if conn is not None:
+            buf = conn.queues[0].mappings[0].buf
             req_prod = struct.unpack_from("<I", buf, 0)[0]
             if req_prod:
                 struct.pack_into("<I", buf, 8, req_prod + 1000)  # rsp_prod
-                driver.conn.queues[0].channel.notify()
+                conn.queues[0].channel.notify()
                 return
         await trio.sleep(0.001)
 
 
-async def _vanish(daemon, domain: str) -> None:
-    """Hostile: once the frontend is connected, the backend closes the device."""
-    while True:
-        attached = daemon._claimed.get(domain)
-        if attached and attached.devices and attached.devices[0].driver.conn is not None:
-            await trio.sleep(0.05)
-            await attached.devices[0].shutdown()
-            return
-        await trio.sleep(0.005)
+async def _run(target: FrontendTarget, misbehave: str = "") -> Observation:
+    obs = Observation()
+    tasks = {"bad-rsp-prod": [_corrupt_rsp_prod], "vanish": [vanish]}.get(misbehave, [])
+    scenario = Scenario(_FRONTEND_CONFIG, "vbd", _instrumented(obs, misbehave),
+                        ("ring-ref", "ring-page-order", "ring-ref0", "event-channel",
+                         "protocol"), tasks)
+    return await run_frontend(target, scenario, obs)
 
 
-def _survived(obs: Observation, what: str) -> None:
-    expect(not obs.timed_out, f"{what}: the frontend was still running after the timeout "
-           "(it hangs instead of noticing)")
-    expect(obs.exit_signal is None, f"{what}: the frontend died by signal {obs.exit_signal} "
-           f"({signal.Signals(obs.exit_signal).name})" if obs.exit_signal else "")
+async def _bf_completes(env: FrontendEnv) -> None:
+    completed(await env.strict())
 
 
-class _FrontendEnv:
-    def __init__(self, target: FrontendTarget) -> None:
-        self.target = target
-        self._strict: Observation | None = None
-        self._lock = trio.Lock()
-
-    async def strict(self) -> Observation:
-        async with self._lock:
-            if self._strict is None:
-                self._strict = await _run_frontend(self.target)
-            return self._strict
+async def _bf_states(env: FrontendEnv) -> None:
+    state_order(await env.strict())
 
 
-async def _bf_completes(env: _FrontendEnv) -> None:
-    obs = await env.strict()
-    _survived(obs, "against a strict backend")
-    expect(obs.exit_status == 0, f"the frontend exited with status {obs.exit_status} against "
-           f"a conforming backend; its output ends: {obs.output[-600:]!r}")
-
-
-async def _bf_states(env: _FrontendEnv) -> None:
-    obs = await env.strict()
-    seq = [s for i, s in enumerate(obs.states) if i == 0 or obs.states[i - 1] != s]
-    expect(S.Initialised in seq or S.Connected in seq,
-           f"the frontend's states were {[s.name for s in seq]}: it never connected")
-    if S.Connected in seq:
-        expect(S.Initialised in seq[:seq.index(S.Connected)],
-               f"the frontend went to Connected without passing Initialised "
-               f"(states: {[s.name for s in seq]})")
-        expect(obs.backend_state_when_connected == S.Connected,
-               "the frontend went Connected while the backend was "
-               f"{obs.backend_state_when_connected and obs.backend_state_when_connected.name}"
-               ", not Connected")
-    order = [S.Initialising, S.Initialised, S.Connected, S.Closing, S.Closed]
-    ranks = [order.index(s) for s in seq if s in order]
-    expect(ranks == sorted(ranks), f"the frontend's states went backwards: "
-           f"{[s.name for s in seq]}")
-
-
-async def _bf_keys(env: _FrontendEnv) -> None:
+async def _bf_keys(env: FrontendEnv) -> None:
     obs = await env.strict()
     keys = obs.keys_at_initialised
-    expect(keys, "the frontend never went Initialised (no keys to check)")
+    decimal_key(obs, "event-channel")
     ring = keys.get("ring-ref") or keys.get("ring-ref0")
     expect(ring is not None and ring.strip().isdigit(),
            f"at Initialised, ring-ref must be a decimal grant ref; it is {ring!r}")
-    port = keys.get("event-channel")
-    expect(port is not None and port.strip().isdigit(),
-           f"at Initialised, event-channel must be a decimal port; it is {port!r}")
     proto = keys.get("protocol")
     expect(proto in (None, b"x86_64-abi", b"arm-abi"),
            f"protocol {proto!r} is not a native ABI name")
 
 
-async def _bf_requests_valid(env: _FrontendEnv) -> None:
+async def _bf_requests_valid(env: FrontendEnv) -> None:
     obs = await env.strict()
     expect(obs.requests > 0, "the frontend sent no request at all")
     expect(not obs.invalid, f"{len(obs.invalid)} of {obs.requests} requests were invalid, "
            f"e.g. {obs.invalid[:3]}")
 
 
-async def _bf_unique_ids(env: _FrontendEnv) -> None:
+async def _bf_unique_ids(env: FrontendEnv) -> None:
     obs = await env.strict()
     expect(not obs.duplicate_ids, f"ids {obs.duplicate_ids[:4]} were in flight twice in one "
            "batch")
 
 
-async def _bf_closes(env: _FrontendEnv) -> None:
-    obs = await env.strict()
-    expect(S.Closed in obs.states or S.Closing in obs.states,
-           f"the frontend left without closing its device (states "
-           f"{[s.name for s in obs.states]}); it must go Closing then Closed")
+async def _bf_closes(env: FrontendEnv) -> None:
+    closes(await env.strict())
 
 
-async def _bf_hostile(env: _FrontendEnv, misbehave: str, what: str) -> None:
-    obs = await _run_frontend(env.target, misbehave)
-    _survived(obs, what)
-    expect(obs.exit_status != 0 or "error" in obs.output.lower(),
-           f"{what}: the frontend exited 0 without reporting anything: it must notice a "
-           "backend that breaks the protocol")
+async def _bf_wrong_id(env: FrontendEnv) -> None:
+    noticed(await env.hostile("wrong-id"), "a backend answering with wrong ids")
 
 
-async def _bf_wrong_id(env: _FrontendEnv) -> None:
-    await _bf_hostile(env, "wrong-id", "a backend answering with wrong ids")
+async def _bf_bad_rsp_prod(env: FrontendEnv) -> None:
+    noticed(await env.hostile("bad-rsp-prod"), "a backend publishing an impossible rsp_prod")
 
 
-async def _bf_bad_rsp_prod(env: _FrontendEnv) -> None:
-    await _bf_hostile(env, "bad-rsp-prod", "a backend publishing an impossible rsp_prod")
-
-
-async def _bf_vanish(env: _FrontendEnv) -> None:
-    obs = await _run_frontend(env.target, "vanish")
-    _survived(obs, "a backend that closes the device mid-run")
+async def _bf_vanish(env: FrontendEnv) -> None:
+    survived(await env.hostile("vanish"), "a backend that closes the device mid-run")
 
 
 BLOCK_FRONTEND_CHECKS = [
@@ -704,8 +533,8 @@ BLOCK_FRONTEND_CHECKS = [
 async def check_block_frontend(target: FrontendTarget, *, select=None,
                                progress=None) -> Report:
     """Run :data:`BLOCK_FRONTEND_CHECKS` against the frontend ``target``."""
-    return await run_checks("block-frontend", BLOCK_FRONTEND_CHECKS, _FrontendEnv(target),
-                            select=select, progress=progress)
+    return await run_checks("block-frontend", BLOCK_FRONTEND_CHECKS,
+                            FrontendEnv(target, _run, _run), select=select, progress=progress)
 
 
 # ------------------------------------------------------------ pvio's own frontend program
