@@ -183,9 +183,10 @@ def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[ServeProc
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(toml: str):
-    """An in-process :class:`~pvio.daemon.Daemon` on ``toml``, sockets in a short
-    temporary directory; shut down (devices closed) when the block exits."""
+async def running_daemon(toml: str, **daemon_kwargs):
+    """An in-process :class:`~pvio.daemon.Daemon` on ``toml`` (``daemon_kwargs``
+    go to it), sockets in a short temporary directory; shut down (devices closed)
+    when the block exits."""
     from pvio import config as cfg
     from pvio.daemon import Daemon
 
@@ -193,7 +194,7 @@ async def running_daemon(toml: str):
         config = cfg.parse(toml, source="test config", socket=f"{root}/run/xb.sock",
                            data_dir=f"{root}/data")
         async with trio.open_nursery() as nursery:
-            daemon = await nursery.start(Daemon(config).run)
+            daemon = await nursery.start(Daemon(config, **daemon_kwargs).run)
             try:
                 yield daemon
             finally:

@@ -51,7 +51,6 @@ from pvio.testing._frontend import (
     closes,
     completed,
     decimal_key,
-    device_of,
     noticed,
     run_frontend,
     state_order,
@@ -402,6 +401,12 @@ def _instrumented(obs: Observation, misbehave: str = ""):
 
     class StrictBlkBackend(BlkBackend):
         async def _execute(self, reqs, mapper, pool, feats):
+            if misbehave == "bad-rsp-prod":
+                # Instead of answering, publish an rsp_prod 1000 past the requests.
+                buf = self.conn.queues[0].mappings[0].buf
+                struct.pack_into("<I", buf, 8, struct.unpack_from("<I", buf, 0)[0] + 1000)
+                self.conn.queues[0].channel.notify()
+                await trio.sleep(1)  # the frontend must notice; then carry on
             in_flight: set[int] = set()
             for req in reqs:
                 obs.requests += 1
@@ -434,24 +439,9 @@ name = "{domain}"
 """
 
 
-async def _corrupt_rsp_prod(daemon, domain: str, obs: Observation) -> None:
-    """Hostile: once requests flow, publish an rsp_prod far beyond them."""
-    while True:
-        device = device_of(daemon, domain)
-        conn = device.driver.conn if device is not None else None
-        if conn is not None:
-            buf = conn.queues[0].mappings[0].buf
-            req_prod = struct.unpack_from("<I", buf, 0)[0]
-            if req_prod:
-                struct.pack_into("<I", buf, 8, req_prod + 1000)  # rsp_prod
-                conn.queues[0].channel.notify()
-                return
-        await trio.sleep(0.001)
-
-
 async def _run(target: FrontendTarget, misbehave: str = "") -> Observation:
     obs = Observation()
-    tasks = {"bad-rsp-prod": [_corrupt_rsp_prod], "vanish": [vanish]}.get(misbehave, [])
+    tasks = [vanish] if misbehave == "vanish" else []
     scenario = Scenario(_FRONTEND_CONFIG, "vbd", _instrumented(obs, misbehave),
                         ("ring-ref", "ring-page-order", "ring-ref0", "event-channel",
                          "protocol"), tasks)
