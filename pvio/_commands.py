@@ -65,6 +65,28 @@ def status(args) -> int:
     return 0
 
 
+async def _demo_net(daemon, nic) -> None:
+    """The vif's switch port meets a second port (the demo's): a broadcast out, a reply in."""
+    here = daemon.switch.add_port("demo")
+    mac = bytes.fromhex(nic.mac.replace(":", ""))
+    peer = bytes.fromhex("020000de0001")
+    await nic.send(b"\xff" * 6 + mac + b"\x88\xb5" + b"hello, switch" + bytes(33))
+    with trio.move_on_after(5):
+        while not here.queue:
+            await trio.sleep(0.01)
+    seen = here.take(1)
+    daemon.switch.forward(here, mac + peer + b"\x88\xb5" + b"hello, vif" + bytes(36))
+    reply = None
+    with trio.move_on_after(5):
+        reply = await nic.receive()
+    learned = daemon.switch.fdb()
+    print(f"   vif: mac {nic.mac}; a broadcast from the vif reached another switch port "
+          f"({len(seen[0].data) if seen else 0} bytes); a frame back to the vif's MAC "
+          f"arrived: {reply is not None and reply.data[14:24] == b'hello, vif'}; "
+          f"the switch learned {len(learned)} MACs")
+    daemon.switch.remove_port(here)
+
+
 def demo(args) -> int:
     _setup_logging(args.verbose - 1)
     return trio.run(_demo)
@@ -75,6 +97,7 @@ async def _demo() -> int:
     from pvio.daemon import Daemon
     from pvio.frontends.blkfront import BLK_KEYS, BlkFront
     from pvio.frontends.console import ConsoleFront
+    from pvio.frontends.netfront import NET_KEYS, NetFront
     from pvio.frontends.session import open_session
     from pvio.xenbus.client import open_client
 
@@ -90,11 +113,14 @@ async def _demo() -> int:
                 print(f"   -> we are dom{session.domid}; the daemon offers: "
                       + ", ".join(f"{d.type}/{d.devid}" for d in offered))
                 print("3. attaching every device (XenbusState handshake on both sides)")
-                devices, disk, console = [], None, None
+                devices, disk, console, nic = [], None, None, None
                 for dev in offered:
                     if dev.type == "vbd":
                         disk = BlkFront(session)
                         devices.append(await session.attach(disk, dev.devid, BLK_KEYS))
+                    elif dev.type == "vif" and nic is None:
+                        nic = NetFront(session)
+                        devices.append(await session.attach(nic, dev.devid, NET_KEYS))
                     elif dev.type == "console" and console is None:
                         console = ConsoleFront(session)
                         devices.append(await session.attach(console, dev.devid))
@@ -126,6 +152,8 @@ async def _demo() -> int:
                     with open(log_path, "rb") as log_file:
                         logged = log_file.read().decode(errors="replace").strip()
                     print(f"   console: wrote a line on hvc0; the daemon's log has: {logged}")
+                if nic is not None and nic.carrier:
+                    await _demo_net(daemon, nic)
                 await trio.sleep(1.1)  # the daemon publishes statistics once a second
                 print("4. the store as `pvio status` sees it (admin socket):")
                 async with open_client(config.admin_socket) as xs:
