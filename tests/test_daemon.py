@@ -145,6 +145,8 @@ def test_demo_connects_every_device_and_exits_0():
                "Closed" in out, out
     for type_, devid in DEVICES:
         assert f"{type_}/1/{devid}: backend Connected(4), frontend Connected(4)" in out, out
+    assert "a frame back to the vif's MAC arrived: True" in out, out
+    assert "read it back: identical" in out, out
     assert out.rstrip().endswith("done.")
     assert "Traceback" not in result.stderr
 
