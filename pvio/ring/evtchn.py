@@ -59,10 +59,25 @@ class EventChannel:
         self._closed = False
         self._poller = select.poll()  # registered once: waits are on the hot path
         self._poller.register(local_fd, select.POLLIN)
+        self._out_poller = select.poll()
+        self._out_poller.register(remote_fd, select.POLLOUT)
+        self._counter = bytearray(8)
+        for fd in (local_fd, remote_fd):
+            os.set_blocking(fd, False)
 
     def notify(self) -> None:
-        """``EVTCHNOP_send``: raise the remote end (coalesces with pending events)."""
-        os.eventfd_write(self.remote_fd, 1)
+        """``EVTCHNOP_send``: raise the remote end (coalesces with pending events).
+
+        The peer shares the eventfd, so it controls its counter and flags: a
+        counter it saturated means an event is pending already (EAGAIN is a
+        sent event, not an error), and a peer that made the fd blocking gets
+        its notification skipped rather than stalling us (POLLOUT is checked
+        first; the fd was made non-blocking when bound)."""
+        if self._out_poller.poll(0):
+            try:
+                os.eventfd_write(self.remote_fd, 1)
+            except BlockingIOError:
+                pass  # saturated by the peer: an event is pending anyway
         self.sent += 1
 
     def set_pending(self) -> None:
@@ -70,9 +85,13 @@ class EventChannel:
         os.eventfd_write(self.local_fd, 1)
 
     def consume(self) -> bool:
-        """Clear our pending event without blocking; True if one was pending."""
+        """Clear our pending event without blocking; True if one was pending.
+
+        ``RWF_NOWAIT`` makes the read non-blocking even if the peer, who shares
+        the fd, cleared ``O_NONBLOCK`` on it (a blocking read would stall our
+        whole event loop)."""
         try:
-            os.eventfd_read(self.local_fd)
+            os.preadv(self.local_fd, [self._counter], -1, os.RWF_NOWAIT)
         except BlockingIOError:
             return False
         self.received += 1

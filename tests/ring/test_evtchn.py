@@ -447,3 +447,39 @@ def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
     front = back = None  # the ring ends must go before the page is unmapped
     buf.release()
     shm.close()
+
+
+# ------------------------------------------------ regressions: a peer owns half the fds
+
+
+def _bound_pair():
+    pair = Pair()
+    back = pair.bind()
+    back.consume()  # binding leaves the port pending
+    return pair.a, back
+
+
+def test_regression_a_peer_that_makes_our_eventfd_blocking_cannot_stall_consume():
+    # The C example found it: a guest handing over (or later switching to) blocking
+    # eventfds made EventChannel.consume block the daemon's event loop in read(2).
+    front, back = _bound_pair()
+    os.set_blocking(back.local_fd, True)  # what the peer can do to the shared description
+    started = time.monotonic()
+    assert back.consume() is False
+    assert time.monotonic() - started < 1
+    front.notify()
+    assert back.consume() is True
+
+
+def test_regression_a_saturated_peer_counter_is_a_pending_event_not_a_crash():
+    # A guest writing 0xfffffffffffffffe to its own wait-eventfd made the backend's
+    # next notify raise BlockingIOError and took the daemon down.
+    front, back = _bound_pair()
+    os.eventfd_write(front.local_fd, 0xFFFFFFFFFFFFFFFE)
+    back.notify()  # must not raise
+    assert back.sent == 1
+    os.set_blocking(front.local_fd, True)  # and made blocking: still no stall
+    started = time.monotonic()
+    back.notify()
+    assert time.monotonic() - started < 1
+    assert front.consume() is True
