@@ -66,20 +66,23 @@ def add_arguments(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only the summary")
 
 
-def _kit(kind: str, role: str):
-    from pvio.testing import block, console, net, ring
+_KITS = {
+    ("block", "backend"): ("block", "BLOCK_BACKEND_CHECKS", "check_block_backend"),
+    ("block", "frontend"): ("block", "BLOCK_FRONTEND_CHECKS", "check_block_frontend"),
+    ("net", "backend"): ("net", "NET_BACKEND_CHECKS", "check_net_backend"),
+    ("net", "frontend"): ("net", "NET_FRONTEND_CHECKS", "check_net_frontend"),
+    ("console", "backend"): ("console", "CONSOLE_BACKEND_CHECKS", "check_console_backend"),
+    ("console", "frontend"): ("console", "CONSOLE_FRONTEND_CHECKS", "check_console_frontend"),
+    ("ring", "ring"): ("ring", "RING_CHECKS", "check_ring"),
+}
 
-    kits = {
-        ("block", "backend"): (block.BLOCK_BACKEND_CHECKS, block.check_block_backend),
-        ("block", "frontend"): (block.BLOCK_FRONTEND_CHECKS, block.check_block_frontend),
-        ("net", "backend"): (net.NET_BACKEND_CHECKS, net.check_net_backend),
-        ("net", "frontend"): (net.NET_FRONTEND_CHECKS, net.check_net_frontend),
-        ("console", "backend"): (console.CONSOLE_BACKEND_CHECKS, console.check_console_backend),
-        ("console", "frontend"): (console.CONSOLE_FRONTEND_CHECKS,
-                                  console.check_console_frontend),
-        ("ring", "ring"): (ring.RING_CHECKS, ring.check_ring),
-    }
-    return kits[(kind, role)]
+
+def _kit(kind: str, role: str):
+    import importlib
+
+    module, checks, runner = _KITS[(kind, role)]
+    mod = importlib.import_module(f"pvio.testing.{module}")
+    return getattr(mod, checks), getattr(mod, runner)
 
 
 def run(args) -> int:

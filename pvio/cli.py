@@ -30,6 +30,8 @@ examples:
   pvio blk export /mnt/pvio       the disk as a FUSE file for mkfs, fsck, qemu-img...
   pvio netfront-tap --address 10.0.0.1/24   the guest's vif as a TAP device here
   pvio net capture guest guest.pcap         its switch port into a pcap (tshark -r)
+  pvio conformance block --socket $(pvio sockets) --junit report.xml
+                                  check a daemon's block backend against the specs
 """
 
 
@@ -109,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("command_argv", nargs="*", metavar="-- COMMAND",
                        help="the program to run, after --")
 
-    from pvio import _net_cli
+    from pvio import _conformance_cli, _net_cli
 
     _net_cli.add_arguments(sub)
+    _conformance_cli.add_arguments(sub)
 
     sockets = sub.add_parser("sockets", help="print the default socket paths")
     _socket_args(sockets)
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "verbose", 0):
             _setup_logging(args.verbose)
         return _net_cli.run(args)
+    if args.command == "conformance":
+        from pvio import _conformance_cli
+
+        return _conformance_cli.run(args)
     if args.command == "blk":
         from pvio import _blkcli
 
