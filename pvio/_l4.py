@@ -77,6 +77,18 @@ def _sum(data, start: int = 0) -> int:
     return lib.pvio_csum_partial(buf, len(data), start)
 
 
+def l4_end(frame, info: L4) -> int:
+    """Where the IP packet ends: its header's length, not the frame's, since a short
+    frame may carry Ethernet padding after it. The frame's length is used when the
+    header's is 0 (IPv6 jumbogram, IPv4 BIG TCP) or does not fit the frame."""
+    if info.version == 4:
+        end = info.l3 + int.from_bytes(frame[info.l3 + 2:info.l3 + 4], "big")
+    else:
+        end = info.l3 + 40 + int.from_bytes(frame[info.l3 + 4:info.l3 + 6], "big")
+    need = 20 if info.proto == IPPROTO_TCP else 8
+    return end if info.l4 + need <= end <= len(frame) else len(frame)
+
+
 def _pseudo(frame, info: L4, l4_len: int) -> int:
     if info.version == 4:
         addrs = frame[info.l3 + 12:info.l3 + 20]
@@ -92,7 +104,7 @@ def complete_checksum(frame: bytearray, info: L4 | None = None) -> bool:
         return False
     at = info.l4 + info.csum_offset
     frame[at:at + 2] = b"\0\0"
-    view = memoryview(frame)[info.l4:]
+    view = memoryview(frame)[info.l4:l4_end(frame, info)]
     csum = 0xFFFF ^ _fold(_sum(view, _pseudo(frame, info, len(view))))
     if info.proto == IPPROTO_UDP and csum == 0:
         csum = 0xFFFF
@@ -104,7 +116,7 @@ def seed_pseudo(frame: bytearray, info: L4) -> None:
     """Put the folded pseudo-header sum in the checksum field (what a
     CHECKSUM_PARTIAL packet carries, and what the kernel finishes)."""
     at = info.l4 + info.csum_offset
-    struct.pack_into("!H", frame, at, _fold(_pseudo(frame, info, len(frame) - info.l4)))
+    struct.pack_into("!H", frame, at, _fold(_pseudo(frame, info, l4_end(frame, info) - info.l4)))
 
 
 def tcp_header_end(frame, info: L4) -> int:
@@ -129,7 +141,7 @@ def segment(frame, gso_size: int) -> list[bytearray]:
         return []
     hdr_end = tcp_header_end(frame, info)
     header = bytearray(frame[:hdr_end])
-    payload = memoryview(frame)[hdr_end:]
+    payload = memoryview(frame)[hdr_end:l4_end(frame, info)]
     seq = int.from_bytes(header[info.l4 + 4:info.l4 + 8], "big")
     flags = header[info.l4 + 13]
     ip_id = int.from_bytes(header[info.l3 + 4:info.l3 + 6], "big") if info.version == 4 else 0

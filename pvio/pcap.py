@@ -46,6 +46,8 @@ def read_pcap(data: bytes) -> list[tuple[int, bytes]]:
     while pos + RECORD_HEADER.size <= len(data):
         sec, usec, incl, _ = RECORD_HEADER.unpack_from(data, pos)
         pos += RECORD_HEADER.size
+        if pos + incl > len(data):  # the file ends inside this record (still being written)
+            break
         out.append((sec * 1_000_000 + usec, data[pos:pos + incl]))
         pos += incl
     return out
