@@ -161,7 +161,9 @@ class Tap:
             return VNET_HDR.pack(0, 0, 0, 0, 0, 0) + data
         data = bytearray(data)
         _l4.seed_pseudo(data, info)
-        gso = _TO_VIRTIO.get(off.gso_type, VIRTIO_NET_HDR_GSO_NONE) if self.offloads else 0
+        # The GSO type the kernel sees is the frame's own (a guest's flag may lie).
+        gso_type = _l4.gso_type_of(info) if off.gso_type and off.gso_size else 0
+        gso = _TO_VIRTIO.get(gso_type, VIRTIO_NET_HDR_GSO_NONE) if self.offloads else 0
         hdr_len = _l4.tcp_header_end(data, info) if gso else 0
         hdr = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, hdr_len,
                             off.gso_size if gso else 0, info.l4, info.csum_offset)
