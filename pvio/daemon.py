@@ -84,6 +84,10 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.server.serve, self.config.admin_socket, self.config.socket)
+            if self.config.switch.tap:
+                from pvio.backends.tapport import serve_tap_port
+
+                await nursery.start(serve_tap_port, self.switch, self.config.switch.tap)
             log.info("pvio daemon ready (config: %s; guest socket %s; admin socket %s; data %s)",
                      self.config.source, self.config.socket, self.config.admin_socket,
                      self.config.data_dir)
@@ -257,12 +261,12 @@ class Daemon:
         return port
 
     def _capture(self, name: str, fd: int, snaplen: int) -> None:
+        """PVIO_CAPTURE: the server owns ``fd`` until we return; on an error it closes it."""
+        port = self._switch_port(name)
         try:
-            port = self._switch_port(name)
-        except XenstoreError:
-            os.close(fd)
-            raise
-        sock = socket.socket(fileno=fd)
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:  # not a socket at all
+            raise XenstoreError("EINVAL", f"capture fd: {exc.strerror}") from exc
         try:
             CaptureTap(sock, port, snaplen)
         except ValueError as exc:

@@ -77,3 +77,39 @@ def test_capture_of_a_switch_port_reads_in_tshark(pair, tmp_path):
     assert {"8", "0"} <= icmp_types, "echo request and reply both captured"
     tcp_to_iperf = [r for r in rows if "tcp" in r[0].split(":") and r[2] == str(IPERF_PORT)]
     assert tcp_to_iperf, "iperf3's TCP traffic captured"
+
+
+def test_switch_uplink_tap_bridges_the_host_to_a_vif(tmp_path):
+    """``[switch] tap``: the daemon's TAP in one namespace, a vif's netfront-tap in
+    another; the host side pings the guest side through the switch."""
+    import os
+    import sys
+    import time
+
+    from pvio._netns import Netns
+
+    config = tmp_path / "pvio.toml"
+    config.write_text('[switch]\ntap = "pvup0"\n\n[[domain]]\nname = "guest"\n'
+                      '  [[domain.device]]\n  type = "vif"\n  devid = 0\n')
+    sock = str(tmp_path / "xb.sock")
+    with Netns("pvio-host") as host, Netns("pvio-guest") as guest:
+        with open(tmp_path / "daemon.log", "wb") as log:
+            daemon = host.popen(sys.executable, "-m", "pvio", "serve", "--config", str(config),
+                                "--socket", sock, "--data-dir", str(tmp_path / "data"),
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock + ".admin") and time.monotonic() < deadline:
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        host.run("ip", "addr", "add", "10.203.0.1/24", "dev", "pvup0")
+        with open(tmp_path / "tap.log", "wb") as log:
+            guest.popen(sys.executable, "-m", "pvio", "netfront-tap", "--socket", sock,
+                        "--ifname", "pv0", "--address", "10.203.0.2/24", stdout=log,
+                        stderr=subprocess.STDOUT)
+        while " is vif " not in (tmp_path / "tap.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "tap.log").read_text()
+            time.sleep(0.05)
+        out = host.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.203.0.2", check=False)
+        assert out.returncode == 0, out.stdout + (tmp_path / "daemon.log").read_text()
+        result = iperf3_tcp(guest, host, "10.203.0.2", 2)
+        assert result["bytes"] > 0

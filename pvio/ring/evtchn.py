@@ -21,6 +21,7 @@ after consecutive empty windows, so an idle daemon uses no CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -74,10 +75,8 @@ class EventChannel:
         its notification skipped rather than stalling us (POLLOUT is checked
         first; the fd was made non-blocking when bound)."""
         if self._out_poller.poll(0):
-            try:
+            with contextlib.suppress(BlockingIOError):  # saturated: an event is pending
                 os.eventfd_write(self.remote_fd, 1)
-            except BlockingIOError:
-                pass  # saturated by the peer: an event is pending anyway
         self.sent += 1
 
     def set_pending(self) -> None:

@@ -33,7 +33,8 @@ PVIO_BIND_EVTCHN = 0x70760002
 PVIO_CLAIM = 0x70760003
 #: pvio extension, admin connections only: copy every frame a switch port
 #: sends or receives to the SOCK_SEQPACKET socket passed as the one fd
-#: (``pvio net capture``). Payload ``"<port>\0"``. Each message: u64
+#: (``pvio net capture``). Payload ``"<port>\0"`` or ``"<port>\0<snaplen>\0"``
+#: (bytes kept per frame, default 262144). Each message: u64
 #: CLOCK_REALTIME ns, u8 direction (0 into the switch, 1 out to the port),
 #: u32 the frame's length, then its first snaplen bytes.
 PVIO_CAPTURE = 0x70760004
