@@ -120,6 +120,7 @@ class _Queue:
     rx: BackRing
     frames: deque
     channels: tuple
+    held: bytes = b""  # rx requests taken off the ring, not enough for the next frame yet
 
 
 class _Work:
@@ -185,7 +186,8 @@ class NetBackend(RingBackendDriver):
         if self.nursery is None:
             raise DeviceError("netback needs a nursery to run its service")
         self._fe = {"sg": flag("feature-sg"), "gso4": flag("feature-gso-tcpv4"),
-                    "gso6": flag("feature-gso-tcpv6"), "no_csum": flag("feature-no-csum-offload")}
+                    "gso6": flag("feature-gso-tcpv6"), "no_csum": flag("feature-no-csum-offload"),
+                    "ipv6_csum": flag("feature-ipv6-csum-offload")}
         self._draining = False
         self._running = []
         self.port = VifPort(self.port_name, self.queue_frames, len(conn.queues))
@@ -223,6 +225,22 @@ class NetBackend(RingBackendDriver):
                 "rx_dropped": s.rx_dropped + (port.dropped if port else 0),
                 "gso_segmented": s.gso_segmented, "queues": len(self._queues),
                 "rx_queued": self.port.queued if self.port is not None else 0}
+
+    async def disconnect(self) -> None:
+        """Stop serving and release the rings; safe to call again while a first
+        call is still stopping (two queues or two event channels may find the
+        ring broken at once, or the frontend may close meanwhile): the
+        connection is claimed before anything awaits."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            await self.stop()
+        except BaseException:
+            if self.conn is None:  # interrupted: a later disconnect finishes the job
+                self.conn = conn
+            raise
+        conn.close()
 
     async def stop(self) -> None:
         self._draining = True
@@ -316,18 +334,27 @@ class NetBackend(RingBackendDriver):
     # RX: switch -> frontend ------------------------------------------------
 
     def _fit(self, frame: Frame, frames: deque) -> Frame | None:
-        """Make ``frame`` something this frontend can take, or None to drop it."""
+        """Make ``frame`` (``frames[0]``) something this frontend can take, or None
+        to drop it. A super-packet is replaced at the head of ``frames`` by its
+        segments, unless they would not fit in the queue's capacity."""
         off = frame.offload
         if off.gso_type and not (self._fe["gso4"] if off.gso_type == XEN_NETIF_GSO_TYPE_TCPV4
                                  else self._fe["gso6"]):
+            info = _l4.parse(frame.data)
+            if info is None or info.proto != _l4.IPPROTO_TCP:
+                return None
+            payload = len(frame.data) - _l4.tcp_header_end(frame.data, info)
+            if max(1, -(-payload // off.gso_size)) > self.queue_frames - len(frames) + 1:
+                return None  # the segments would overflow the bounded queue
             segments = _l4.segment(frame.data, off.gso_size)
             if not segments:
                 return None
             self.stats.gso_segmented += 1
+            frames.popleft()
             frames.extendleft(Frame(bytes(s), NO_OFFLOAD._replace(data_validated=True))
-                              for s in reversed(segments[1:]))
-            frame = Frame(bytes(segments[0]), NO_OFFLOAD._replace(data_validated=True))
-        elif off.csum_blank and self._fe["no_csum"]:
+                              for s in reversed(segments))
+            frame = frames[0]
+        elif off.csum_blank and self._needs_csum(frame.data):
             data = bytearray(frame.data)
             _l4.complete_checksum(data)
             frame = Frame(bytes(data), off._replace(csum_blank=False, data_validated=True))
@@ -335,11 +362,22 @@ class NetBackend(RingBackendDriver):
             return None
         return frame
 
+    def _needs_csum(self, data: bytes) -> bool:
+        """netif.h: IPv4 checksum offload is on unless the frontend set
+        feature-no-csum-offload; IPv6 checksum offload is off unless it set
+        feature-ipv6-csum-offload. True: complete the checksum here."""
+        v4_ok, v6_ok = not self._fe["no_csum"], self._fe["ipv6_csum"]
+        if v4_ok == v6_ok:
+            return not v4_ok
+        info = _l4.parse(data)
+        return not (v6_ok if info is not None and info.version == 6 else v4_ok)
+
     def _rx(self, queue: _Queue, mapper) -> int:
         frames = queue.frames
         if not frames:
             return 0
-        avail = queue.rx.unconsumed_requests
+        held = len(queue.held) // RX_REQ.size
+        avail = held + queue.rx.unconsumed_requests
         plan: list[tuple[Frame, int]] = []
         need = 0
         while frames:
@@ -356,10 +394,19 @@ class NetBackend(RingBackendDriver):
             plan.append((frame, slots))
             need += slots
         if not plan:
+            if queue.rx.unconsumed_requests:
+                # Too few for the next frame: hold them, so that the final check
+                # arms req_event for the next request instead of reporting work
+                # that cannot be done (a busy loop that froze the daemon).
+                queue.held += bytes(queue.rx.take_requests())
             return 0
-        reqs = queue.rx.take_requests(need)
+        if need > held:
+            reqs = queue.held + bytes(queue.rx.take_requests(need - held))
+        else:
+            reqs = queue.held
         if len(reqs) // RX_REQ.size < need:  # the ring broke while we looked
             raise RingBrokenError("rx requests vanished")
+        queue.held = reqs[need * RX_REQ.size:]
         out = bytearray(need * RX_RSP.size)
         ops: list[CopyOp] = []
         slot = 0
