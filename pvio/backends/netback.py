@@ -226,22 +226,6 @@ class NetBackend(RingBackendDriver):
                 "gso_segmented": s.gso_segmented, "queues": len(self._queues),
                 "rx_queued": self.port.queued if self.port is not None else 0}
 
-    async def disconnect(self) -> None:
-        """Stop serving and release the rings; safe to call again while a first
-        call is still stopping (two queues or two event channels may find the
-        ring broken at once, or the frontend may close meanwhile): the
-        connection is claimed before anything awaits."""
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return
-        try:
-            await self.stop()
-        except BaseException:
-            if self.conn is None:  # interrupted: a later disconnect finishes the job
-                self.conn = conn
-            raise
-        conn.close()
-
     async def stop(self) -> None:
         self._draining = True
         for scope in list(self._wait_scopes):

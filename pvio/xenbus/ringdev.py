@@ -226,11 +226,20 @@ class RingBackendDriver:
         """Device hook: stop serving before the areas are unmapped."""
 
     async def disconnect(self) -> None:
-        if self.conn is None:
+        """Stop serving and release the areas; safe to call again while a first
+        call is still stopping (two queues or two event channels may find their
+        rings broken at once, or the frontend may close meanwhile): the
+        connection is claimed before anything awaits."""
+        conn, self.conn = self.conn, None
+        if conn is None:
             return
-        await self.stop()
-        self.conn.close()
-        self.conn = None
+        try:
+            await self.stop()
+        except BaseException:
+            if self.conn is None:  # interrupted: a later disconnect finishes the job
+                self.conn = conn
+            raise
+        conn.close()
 
 
 @dataclass

@@ -761,3 +761,24 @@ async def test_broken_ring_index_closes_only_that_device(daemon, cotenant):
         front, _ = await attach_blk(s)
         await front.write(0, b"again")
         assert await front.read(0, 5) == b"again"
+
+
+async def test_regression_two_queues_breaking_at_once_close_the_device_once(daemon, cotenant):
+    # Both queue services found their ring broken and called on_failure together; the
+    # second disconnect found conn already None mid-stop and the daemon died with
+    # AttributeError (found by the netback tests, shared RingBackendDriver.disconnect).
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, device = await attach_raw(s, XVDA, queues=2)
+        assert len(raw.queues) == 2
+        be, _ = paths(s, XVDA)
+        for q in range(2):
+            area = raw.area(0, q)
+            prod = int.from_bytes(area[0:4], "little")
+            area[0:4] = ((prod + 1000) & 0xFFFFFFFF).to_bytes(4, "little")
+        for q in range(2):
+            raw.queues[q].channel.notify()
+        await wait_state(s.xs, f"{be}/state", lambda st: st in (S.Closing, S.Closed))
+        with trio.fail_after(5):
+            await device.closed.wait()
+        assert backend_device(daemon, "evil", XVDA).driver.conn is None
+        await cotenant.progress(5)  # the daemon is alive and serving
