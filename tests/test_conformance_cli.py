@@ -75,3 +75,25 @@ def test_no_daemon_is_a_clear_usage_error(tmp_path):
     out = pvio("block", "--socket", str(tmp_path / "nothing.sock"))
     assert out.returncode == 2
     assert "no daemon at" in out.stderr
+
+
+def test_net_and_console_backends_of_the_default_daemon_pass():
+    with short_tmpdir() as root:
+        daemon = ServeProcess(root).start()  # the embedded default: vbd, console, vif
+        try:
+            net = pvio("net", "--socket", daemon.socket, "-q")
+            console = pvio("console", "--socket", daemon.socket, "-q")
+            block = pvio("block", "--socket", daemon.socket, "-q")
+        finally:
+            assert daemon.stop() == 0
+    for out in (net, console, block):
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert " 0 failed, 0 errors" in out.stdout
+    assert "1 not applicable" in net.stdout  # rx-copy needs --peer-domain
+
+
+def test_pvios_own_net_and_console_frontend_programs_pass():
+    for kind in ("net", "console"):
+        out = pvio(kind, "--frontend-cmd", f"{sys.executable} -m pvio.testing.{kind}", "-q")
+        assert out.returncode == 0, kind + out.stdout + out.stderr
+        assert " 0 failed, 0 errors" in out.stdout

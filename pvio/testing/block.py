@@ -65,11 +65,12 @@ from pvio.xenbus.state import parse_state
 
 @dataclass
 class BackendTarget:
-    """Where the backend under test is: its guest socket, the domain to claim, the vbd."""
+    """Where the backend under test is: its guest socket, the domain to claim, the device."""
 
     socket: str
     domain: str = "guest"
-    devid: int | None = None  # None: the first vbd offered
+    devid: int | None = None  # None: the first device of the kit's type
+    peer_domain: str | None = None  # net: a second domain with a vif, for RX checks
 
 
 class _Attached:
