@@ -75,6 +75,9 @@ class Switch:
         self.clock = clock
         self.ports: dict[str, Port] = {}
         self._fdb: dict[bytes, tuple[Port, float]] = {}
+        #: While a batch is being switched (:meth:`batch`), ports that can deliver
+        #: in one go (a vif) record themselves here instead of waking their consumer.
+        self.deferred: list | None = None
 
     def add_port(self, name: str, capacity: int | None = None) -> Port:
         return self.attach_port(Port(name, capacity or self.queue_frames))
@@ -125,6 +128,16 @@ class Switch:
         else:
             targets = [p for p in self.ports.values() if p is not ingress]
         return [p for p in targets if p.enqueue(frame)]
+
+    def begin_batch(self) -> None:
+        """Frames forwarded until :meth:`end_batch` are delivered per port at the end."""
+        if self.deferred is None:
+            self.deferred = []
+
+    def end_batch(self) -> None:
+        deferred, self.deferred = self.deferred, None
+        for flush, arg in dict.fromkeys(deferred or ()):
+            flush(arg)
 
     def fdb(self) -> dict[str, str]:
         """The learned table (MAC -> port name), aged entries excluded."""

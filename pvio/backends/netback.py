@@ -70,13 +70,18 @@ _GSO_TYPES = (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6)
 class VifPort(Port):
     """A switch port with one bounded deque per queue (flows stay on one queue).
 
-    ``wake[q]`` is called when queue ``q``'s deque becomes non-empty.
+    ``wake[q]`` is called when queue ``q``'s deque becomes non-empty; while the
+    switch is switching a batch, ``deliver(q)`` is deferred to the batch's end
+    instead (one copy pass for the batch, and no wake-up of our own task).
     """
 
-    def __init__(self, name: str, capacity: int, queues: int) -> None:
+    def __init__(self, name: str, capacity: int, queues: int, switch: Switch | None = None,
+                 deliver=None) -> None:
         super().__init__(name, capacity)
         self.rx_queues: list[deque[Frame]] = [deque() for _ in range(queues)]
         self.wake: list = [None] * queues
+        self.switch = switch
+        self.deliver = deliver
 
     def enqueue(self, frame: Frame) -> bool:
         n = len(self.rx_queues)
@@ -90,8 +95,12 @@ class VifPort(Port):
         self.stats.tx_bytes += len(frame.data)
         for tap in self.taps:
             tap("out", frame)
-        if len(dq) == 1 and self.wake[q] is not None:
-            self.wake[q]()
+        if len(dq) == 1:
+            deferred = self.switch.deferred if self.switch is not None else None
+            if deferred is not None and self.deliver is not None:
+                deferred.append((self.deliver, q))
+            elif self.wake[q] is not None:
+                self.wake[q]()
         return True
 
     @property
@@ -190,7 +199,8 @@ class NetBackend(RingBackendDriver):
                     "ipv6_csum": flag("feature-ipv6-csum-offload")}
         self._draining = False
         self._running = []
-        self.port = VifPort(self.port_name, self.queue_frames, len(conn.queues))
+        self.port = VifPort(self.port_name, self.queue_frames, len(conn.queues), self.switch,
+                            self._deliver)
         self._queues = []
         for q, qc in enumerate(conn.queues):
             queue = _Queue(q, BackRing.attach(NETIF_TX, qc.mappings[0].buf),
@@ -224,7 +234,13 @@ class NetBackend(RingBackendDriver):
                 "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "rx_errors": s.rx_errors,
                 "rx_dropped": s.rx_dropped + (port.dropped if port else 0),
                 "gso_segmented": s.gso_segmented, "queues": len(self._queues),
-                "rx_queued": self.port.queued if self.port is not None else 0}
+                "rx_queued": self.port.queued if self.port is not None else 0,
+                # what the frontend has posted and we have not used yet (held: taken
+                # off the ring, too few for the next frame)
+                "rx_posted": sum(q.rx.unconsumed_requests + len(q.held) // RX_REQ.size
+                                 for q in self._queues if not q.rx.broken),
+                "tx_pending": sum(q.tx.unconsumed_requests for q in self._queues
+                                  if not q.tx.broken)}
 
     async def stop(self) -> None:
         self._draining = True
@@ -267,6 +283,21 @@ class NetBackend(RingBackendDriver):
         finally:
             stopped.set()
 
+    def _deliver(self, q: int) -> None:
+        """Copy the frames a switched batch queued for us into our RX ring now
+        (called at the end of another vif's TX batch); our task is woken only
+        if frames are left waiting for RX buffers."""
+        if self._draining or q >= len(self._queues) or self.conn is None:
+            return
+        queue = self._queues[q]
+        try:
+            self._rx(queue, self.domain.mapper())
+        except (RingBrokenError, NetifFatal) as exc:
+            self._broken(queue, exc)
+            return
+        if queue.frames:
+            queue.channels[1].set_pending()
+
     def _broken(self, queue: _Queue, exc: Exception) -> None:
         self.stats.last_error = str(exc)
         peer_log.warning(f"ring:{self.domain.domid}", "%s queue %d: %s; disconnecting the vif",
@@ -297,22 +328,26 @@ class NetBackend(RingBackendDriver):
                 spans.append((r, start, len(ops)))
             else:
                 self._refuse(r.reason)
-        if ops:
-            statuses = mapper.copy(ops)
-            for packet, a, b in spans:
-                bad = next((s for s in statuses[a:b] if s != GNTST.okay), None)
-                if bad is not None:
-                    self._refuse(str(GrantError(bad, ops[a + statuses[a:b].index(bad)].ref)))
-                    packet.responses = [(rid, NetifRsp.ERROR if st != NetifRsp.NULL else st)
-                                        for rid, st in packet.responses]
-                    continue
-                data = ops[a].local if b - a == 1 else b"".join(op.local for op in ops[a:b])
-                self.stats.tx_packets += 1
-                self.stats.tx_bytes += len(data)
-                self.switch.forward(self.port, data, offload_of(packet))
-        _, notify = queue.tx.produce(pack_tx_responses(results, self._rsp))
-        if notify:
-            queue.channels[0].notify()
+        self.switch.begin_batch()
+        try:
+            if ops:
+                statuses = mapper.copy(ops)
+                for packet, a, b in spans:
+                    bad = next((s for s in statuses[a:b] if s != GNTST.okay), None)
+                    if bad is not None:
+                        self._refuse(str(GrantError(bad, ops[a + statuses[a:b].index(bad)].ref)))
+                        packet.responses = [(rid, NetifRsp.ERROR if st != NetifRsp.NULL else st)
+                                            for rid, st in packet.responses]
+                        continue
+                    data = ops[a].local if b - a == 1 else b"".join(op.local for op in ops[a:b])
+                    self.stats.tx_packets += 1
+                    self.stats.tx_bytes += len(data)
+                    self.switch.forward(self.port, data, offload_of(packet))
+            _, notify = queue.tx.produce(pack_tx_responses(results, self._rsp))
+            if notify:
+                queue.channels[0].notify()
+        finally:
+            self.switch.end_batch()  # the destinations' RX copies, one pass per port
         return len(batch) // TX_REQ_SIZE
 
     # RX: switch -> frontend ------------------------------------------------
@@ -378,11 +413,13 @@ class NetBackend(RingBackendDriver):
             plan.append((frame, slots))
             need += slots
         if not plan:
-            if queue.rx.unconsumed_requests:
+            if avail > held:
                 # Too few for the next frame: hold them, so that the final check
                 # arms req_event for the next request instead of reporting work
-                # that cannot be done (a busy loop that froze the daemon).
-                queue.held += bytes(queue.rx.take_requests())
+                # that cannot be done (a busy loop that froze the daemon). Only the
+                # ones counted: more may have been posted since, and taking those
+                # too would hold every buffer with nobody left to wake us.
+                queue.held += bytes(queue.rx.take_requests(avail - held))
             return 0
         if need > held:
             reqs = queue.held + bytes(queue.rx.take_requests(need - held))

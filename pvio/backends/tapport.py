@@ -53,6 +53,10 @@ async def _host_to_switch(tap: Tap, switch: Switch, port) -> None:
         if not frames:
             await tap.wait_readable()
             continue
-        for frame in frames:
-            switch.forward(port, frame.data, frame.offload)
+        switch.begin_batch()
+        try:
+            for frame in frames:
+                switch.forward(port, frame.data, frame.offload)
+        finally:
+            switch.end_batch()
         await trio.lowlevel.checkpoint()

@@ -95,7 +95,10 @@ class _Work:
         if self.tx:
             if q.backlog and q.free_ids and q.tx.free_requests:
                 return 1
-            work += q.tx.final_check_for_responses()
+            if q.backlog:  # blocked on ids or slots: ask to be woken by completions
+                work += q.tx.final_check_for_responses()
+            # otherwise completions are reclaimed lazily, at the next send (Linux
+            # netfront also defers its tx_buf_gc): no wake-up per answered batch
         if self.rx and not self.front._rx_full:
             work += q.rx.final_check_for_responses()
         return work
@@ -245,15 +248,30 @@ class NetFront(RingFrontendDriver):
             if frame.offload.gso_type and not self._gso_ok:
                 raise ValueError("GSO frames need NetFront(offloads=True)")
             queue = self._q[0 if n == 1 else hash(bytes(frame.data[26:38])) % n]
+            if len(queue.backlog) >= self.tx_backlog:
+                self._push_tx(queue)
             while len(queue.backlog) >= self.tx_backlog:
-                self._wake_tx(queue)
                 await queue.space.park()
                 self._check()
             queue.backlog.append(frame)
             woken.add(queue)
         for queue in woken:
-            self._wake_tx(queue)
+            self._push_tx(queue)
         await trio.lowlevel.checkpoint()
+
+    def _push_tx(self, queue: _Queue) -> None:
+        """Put the backlog on the ring now, in the caller's task (no wake-up of our
+        own ring task); the task is woken only if something is left waiting."""
+        if self._error is None:
+            try:
+                self._tx_responses(queue)
+                self._tx_send(queue)
+            except (RingBrokenError, NetDeviceError) as exc:
+                self._fail(exc if isinstance(exc, NetDeviceError)
+                           else NetDeviceError(f"backend broke the protocol: {exc}"))
+                return
+        if queue.backlog:
+            self._wake_tx(queue)
 
     @staticmethod
     def _wake_tx(queue: _Queue) -> None:

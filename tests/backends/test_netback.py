@@ -697,6 +697,43 @@ async def test_regression_rx_frame_needing_more_slots_than_posted_does_not_freez
         assert not rescued.is_set()
 
 
+class _PostsWhileWeLook:
+    """A BackRing whose frontend posts more RX buffers right after the backend
+    counted the unconsumed ones (what a frontend in another process can do)."""
+
+    def __init__(self, ring, post) -> None:
+        self._ring, self._post = ring, post
+
+    @property
+    def unconsumed_requests(self) -> int:
+        n = self._ring.unconsumed_requests
+        if self._post is not None:
+            post, self._post = self._post, None
+            post()
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._ring, name)
+
+
+async def test_regression_rx_buffers_posted_while_counting_are_not_all_held(daemon):
+    """netback counted 1 posted RX buffer (too few for a 2-slot frame), the frontend
+    posted more meanwhile, and the backend then held *every* buffer: with all of
+    them held the frontend had nothing left to post, nobody woke the backend and
+    the vif stalled for good (seen as an iperf3 run hanging under load)."""
+    async with open_session(daemon.config.socket, "a") as sa, \
+            open_session(daemon.config.socket, "r") as s:
+        a = await attach_net(sa)
+        raw, _ = await attach_raw(s, features={"feature-sg": "1"})
+        queue = netback(daemon, "r")._queues[0]
+        raw.post_rx_pages(1, first_id=1)
+        queue.rx = _PostsWhileWeLook(queue.rx, lambda: raw.post_rx_pages(3, first_id=2))
+        big = eth(raw.mac, a.mac, payload(6000, 1))
+        await a.send(big)
+        pkt = await raw.receive(timeout=5)
+        assert pkt.data == big
+
+
 async def test_vif_churn_leaks_no_fds_and_no_ports(daemon):
     """Attach, use and close a two-queue vif 30 times, every other time by breaking
     its TX ring (the disconnect path): the process's fd count and the switch's
