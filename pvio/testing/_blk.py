@@ -14,6 +14,7 @@ import trio
 from pvio.frontends.blkfront import BLK_KEYS
 from pvio.layouts import BlkifOp
 from pvio.ring import BLKIF, FrontRing, wait_for_work
+from pvio.testing._raw import attach_driver, granted_page
 from pvio.xenbus.ringdev import VBD, RingFrontendDriver
 
 PAGE = 4096
@@ -67,13 +68,14 @@ class RawBlkFront(RingFrontendDriver):
     def __init__(self, session, **kwargs) -> None:
         super().__init__(session, VBD, **kwargs)
         self.ring: FrontRing | None = None
+        self._views: list[memoryview] = []
 
     def setup(self) -> None:
         self.ring = FrontRing.init(BLKIF, self.area(0))
 
     def release_transport(self) -> None:
         """Release the views this frontend handed out, so the pool can be closed."""
-        for view in getattr(self, "_views", ()):
+        for view in self._views:
             view.release()
         self._views = []
         if self.ring is not None:
@@ -83,18 +85,14 @@ class RawBlkFront(RingFrontendDriver):
 
     def area(self, i: int, queue: int = 0) -> memoryview:
         view = super().area(i, queue)
-        self._views = [*getattr(self, "_views", ()), view]
+        self._views.append(view)
         return view
 
     # grants --------------------------------------------------------------
     def page(self, *, readonly: bool = False, domid: int = 0, fill: bytes | None = None):
         """A fresh pool page granted to ``domid``: (frame, gref, memoryview of the page)."""
-        frame = self.session.pool.alloc(1)
-        view = self.session.pool.shm.page(frame)
-        self._views = [*getattr(self, "_views", ()), view]
-        view[:] = (fill * (PAGE // len(fill)))[:PAGE] if fill else bytes(PAGE)
-        ref = self.session.gnttab.grant_access(domid, frame, readonly=readonly)
-        return frame, ref, view
+        return granted_page(self.session, self._views, readonly=readonly, domid=domid,
+                            fill=fill)
 
     # ring ----------------------------------------------------------------
     def send(self, *requests: bytes) -> None:
@@ -128,11 +126,5 @@ class RawBlkFront(RingFrontendDriver):
 
 async def attach_raw(session, devid: int = XVDA, timeout: float = 5.0, **kwargs):
     """A connected RawBlkFront on vbd ``devid``: (raw, FrontendDevice)."""
-    offered = {d.devid: d for d in await session.devices() if d.type == "vbd"}
-    if devid not in offered:
-        raise LookupError(f"no vbd {devid} offered (offered: {sorted(offered)})")
-    raw = RawBlkFront(session, **kwargs)
-    device = await session.attach(raw, devid, BLK_KEYS)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
-    return raw, device
+    return await attach_driver(session, RawBlkFront(session, **kwargs), "vbd", devid,
+                               BLK_KEYS, timeout)

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from pvio.layouts import XenbusState as S
-from pvio.testing._core import expect
+from pvio.testing._core import Check, expect
 from pvio.xenbus.state import parse_state
 
 FrontendFactory = Callable[[str, str], Awaitable[None]]  # (socket, domain) -> done
@@ -253,3 +253,68 @@ class FrontendEnv:
             if self._strict is None:
                 self._strict = await self._strict_fn(self.target)
             return self._strict
+
+
+# ------------------------------------------------------------ checks every device shares
+
+
+async def _completes(env: FrontendEnv) -> None:
+    completed(await env.strict())
+
+
+async def _states(env: FrontendEnv) -> None:
+    state_order(await env.strict())
+
+
+async def _closes(env: FrontendEnv) -> None:
+    closes(await env.strict())
+
+
+async def _vanishes(env: FrontendEnv) -> None:
+    survived(await env.hostile("vanish"), "a backend that closes the device mid-run")
+
+
+def common_checks(section: str, work: str) -> dict[str, Check]:
+    """The checks of every frontend kit, by key: ``completes`` (citing ``section``,
+    ``work`` says what the contract asks), ``states``, ``closes``, ``vanish``."""
+    return {
+        "completes": Check("frontend.completes", section, f"against a conforming backend "
+                           f"the frontend {work} and exits 0", _completes, timeout=90),
+        "states": Check("xenbus.frontend-states", "xenbus §5", "the frontend goes "
+                        "Initialising -> Initialised -> Connected (only after the backend "
+                        "is Connected) -> Closing -> Closed, never backwards", _states,
+                        timeout=90),
+        "closes": Check("xenbus.frontend-closes", "xenbus §5", "the frontend closes its "
+                        "device before it leaves", _closes, timeout=90),
+        "vanish": Check("hostile.backend-vanishes", "xenbus §5", "a backend closing mid-run "
+                        "makes the frontend stop cleanly (no hang, no crash)", _vanishes,
+                        timeout=90),
+    }
+
+
+def hostile_check(name: str, section: str, rule: str, how: str, what: str) -> Check:
+    """A check that runs the hostile backend ``how`` and expects the frontend to
+    notice (fail with a message, not exit 0, hang or crash)."""
+    async def run(env: FrontendEnv) -> None:
+        noticed(await env.hostile(how), what)
+
+    return Check(name, section, rule, run, timeout=90)
+
+
+def program_main(factory: FrontendFactory, done: str = "") -> int:
+    """``main()`` of a kit program: run ``factory`` on ``PVIO_SOCKET``/``PVIO_DOMAIN``;
+    0 on success, 1 with ``error: ...`` on stderr on failure, 2 without a socket."""
+    import sys
+
+    sock = os.environ.get("PVIO_SOCKET")
+    if not sock:
+        print("error: set PVIO_SOCKET to the daemon's guest socket", file=sys.stderr)
+        return 2
+    try:
+        trio.run(factory, sock, os.environ.get("PVIO_DOMAIN", "guest"))
+    except BaseException as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if done:
+        print(f"ok: {done}", file=sys.stderr)
+    return 0

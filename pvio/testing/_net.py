@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from pvio.frontends.netfront import NET_KEYS
+from pvio.testing._raw import attach_driver, granted_page
 from pvio.xenbus.ringdev import VIF, RingFrontendDriver
 
 PAGE = 4096
@@ -248,12 +249,8 @@ class RawNetFront(RingFrontendDriver):
     # grants --------------------------------------------------------------
     def page(self, *, readonly: bool = False, domid: int = 0, fill: bytes | None = None):
         """A fresh pool page granted to ``domid``: (frame, gref, memoryview of the page)."""
-        frame = self.session.pool.alloc(1)
-        view = self.session.pool.shm.page(frame)
-        view[:] = (fill * (PAGE // len(fill) + 1))[:PAGE] if fill else bytes(PAGE)
-        ref = self.session.gnttab.grant_access(domid, frame, readonly=readonly)
-        self._views.append(view)
-        return frame, ref, view
+        return granted_page(self.session, self._views, readonly=readonly, domid=domid,
+                            fill=fill)
 
     def data_pages(self, data: bytes, offsets: list[int] | None = None,
                    sizes: list[int] | None = None) -> list[tuple[int, int, int]]:
@@ -396,11 +393,5 @@ async def receive_matching(raw: RawNetFront, pred, limit: int = 100) -> RxPacket
 
 async def attach_raw(session, devid: int = 0, timeout: float = 5.0, **kwargs):
     """A connected RawNetFront: (raw, FrontendDevice)."""
-    offered = {d.devid: d for d in await session.devices() if d.type == "vif"}
-    if devid not in offered:
-        raise LookupError(f"no vif {devid} offered (offered: {sorted(offered)})")
-    raw = RawNetFront(session, **kwargs)
-    device = await session.attach(raw, devid, NET_KEYS)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
-    return raw, device
+    return await attach_driver(session, RawNetFront(session, **kwargs), "vif", devid,
+                               NET_KEYS, timeout)

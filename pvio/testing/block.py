@@ -20,7 +20,6 @@ and checks that the frontend notices instead of hanging or crashing.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import sys
@@ -48,13 +47,11 @@ from pvio.testing._frontend import (
     FrontendTarget,
     Observation,
     Scenario,
-    closes,
-    completed,
+    common_checks,
     decimal_key,
-    noticed,
+    hostile_check,
+    program_main,
     run_frontend,
-    state_order,
-    survived,
     vanish,
 )
 from pvio.xenbus.device import backend_path
@@ -449,14 +446,6 @@ async def _run(target: FrontendTarget, misbehave: str = "") -> Observation:
     return await run_frontend(target, scenario, obs)
 
 
-async def _bf_completes(env: FrontendEnv) -> None:
-    completed(await env.strict())
-
-
-async def _bf_states(env: FrontendEnv) -> None:
-    state_order(await env.strict())
-
-
 async def _bf_keys(env: FrontendEnv) -> None:
     obs = await env.strict()
     keys = obs.keys_at_initialised
@@ -482,42 +471,24 @@ async def _bf_unique_ids(env: FrontendEnv) -> None:
            "batch")
 
 
-async def _bf_closes(env: FrontendEnv) -> None:
-    closes(await env.strict())
-
-
-async def _bf_wrong_id(env: FrontendEnv) -> None:
-    noticed(await env.hostile("wrong-id"), "a backend answering with wrong ids")
-
-
-async def _bf_bad_rsp_prod(env: FrontendEnv) -> None:
-    noticed(await env.hostile("bad-rsp-prod"), "a backend publishing an impossible rsp_prod")
-
-
-async def _bf_vanish(env: FrontendEnv) -> None:
-    survived(await env.hostile("vanish"), "a backend that closes the device mid-run")
-
-
+_COMMON = common_checks("blkif §4", "finishes its work")
 BLOCK_FRONTEND_CHECKS = [
-    Check("frontend.completes", "blkif §4", "against a conforming backend the frontend "
-          "finishes its work and exits 0", _bf_completes, timeout=90),
-    Check("xenbus.frontend-states", "xenbus §5", "the frontend goes Initialising -> "
-          "Initialised -> Connected (only after the backend is Connected) -> Closing -> "
-          "Closed, never backwards", _bf_states, timeout=90),
+    _COMMON["completes"],
+    _COMMON["states"],
     Check("blkif.frontend-keys", "blkif §1", "ring-ref, event-channel (and protocol) are "
           "published before Initialised", _bf_keys, timeout=90),
     Check("blkif.requests-valid", "blkif §2", "every request the frontend sends passes the "
           "backend's validation", _bf_requests_valid, timeout=90),
     Check("blkif.unique-ids", "blkif §2", "no id is in flight twice", _bf_unique_ids,
           timeout=90),
-    Check("xenbus.frontend-closes", "xenbus §5", "the frontend closes its device before "
-          "it leaves", _bf_closes, timeout=90),
-    Check("hostile.wrong-id", "blkif §4", "a response with an id not in flight is detected "
-          "(the frontend fails, it does not hang or crash)", _bf_wrong_id, timeout=90),
-    Check("hostile.bad-rsp-prod", "ring §6", "an impossible rsp_prod is detected (fail, "
-          "not hang or crash)", _bf_bad_rsp_prod, timeout=90),
-    Check("hostile.backend-vanishes", "xenbus §5", "a backend closing mid-run makes the "
-          "frontend stop cleanly (no hang, no crash)", _bf_vanish, timeout=90),
+    _COMMON["closes"],
+    hostile_check("hostile.wrong-id", "blkif §4", "a response with an id not in flight is "
+                  "detected (the frontend fails, it does not hang or crash)", "wrong-id",
+                  "a backend answering with wrong ids"),
+    hostile_check("hostile.bad-rsp-prod", "ring §6", "an impossible rsp_prod is detected "
+                  "(fail, not hang or crash)", "bad-rsp-prod",
+                  "a backend publishing an impossible rsp_prod"),
+    _COMMON["vanish"],
 ]
 
 
@@ -554,21 +525,11 @@ async def reference_block_frontend(socket_path: str, domain: str) -> None:
         await device.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     """``python -m pvio.testing.block``: pvio's blkfront as a frontend program
     (``PVIO_SOCKET``, ``PVIO_DOMAIN``), e.g. for ``pvio conformance block --frontend-cmd``."""
-    argv = sys.argv[1:] if argv is None else argv
-    sock = os.environ.get("PVIO_SOCKET") or (argv[0] if argv else None)
-    if not sock:
-        print("error: set PVIO_SOCKET to the daemon's guest socket", file=sys.stderr)
-        return 2
-    try:
-        trio.run(reference_block_frontend, sock, os.environ.get("PVIO_DOMAIN", "guest"))
-    except Exception as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print("ok: wrote, flushed, read back and verified 16 KiB", file=sys.stderr)
-    return 0
+    return program_main(reference_block_frontend, "wrote, flushed, read back and verified "
+                        "16 KiB")
 
 
 if __name__ == "__main__":

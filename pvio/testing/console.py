@@ -30,14 +30,12 @@ from pvio.testing._frontend import (
     FrontendTarget,
     Observation,
     Scenario,
-    closes,
-    completed,
+    common_checks,
     decimal_key,
     device_of,
-    noticed,
+    hostile_check,
+    program_main,
     run_frontend,
-    state_order,
-    survived,
     vanish,
 )
 from pvio.xenbus.state import parse_state
@@ -249,14 +247,6 @@ async def _run(target: FrontendTarget, misbehave: str = "") -> Observation:
     return await run_frontend(target, scenario, obs)
 
 
-async def _cf_completes(env: FrontendEnv) -> None:
-    completed(await env.strict())
-
-
-async def _cf_states(env: FrontendEnv) -> None:
-    state_order(await env.strict())
-
-
 async def _cf_keys(env: FrontendEnv) -> None:
     decimal_key(await env.strict(), "ring-ref", "port")
 
@@ -272,35 +262,21 @@ async def _cf_echo(env: FrontendEnv) -> None:
            f"frontend's echo never came back (got {obs.data.get('echo', b'')!r})")
 
 
-async def _cf_closes(env: FrontendEnv) -> None:
-    closes(await env.strict())
-
-
-async def _cf_bad_in_prod(env: FrontendEnv) -> None:
-    noticed(await env.hostile("bad-in-prod"), "a backend publishing in_prod 3000 ahead")
-
-
-async def _cf_vanish(env: FrontendEnv) -> None:
-    survived(await env.hostile("vanish"), "a backend that closes the console mid-run")
-
-
+_COMMON = common_checks("console §5", "writes a line and echoes")
 CONSOLE_FRONTEND_CHECKS = [
-    Check("frontend.completes", "console §5", "the frontend writes, echoes and exits 0",
-          _cf_completes, timeout=90),
-    Check("xenbus.frontend-states", "xenbus §5", "Initialising -> Initialised -> Connected "
-          "(after the backend) -> Closing -> Closed", _cf_states, timeout=90),
+    _COMMON["completes"],
+    _COMMON["states"],
     Check("console.frontend-keys", "console §2", "ring-ref and port are published before "
           "Initialised", _cf_keys, timeout=90),
     Check("console.frontend-output", "console §3", "bytes the frontend writes reach the "
           "backend", _cf_output, timeout=90),
     Check("console.frontend-input", "console §3", "bytes the backend puts in the in ring "
           "reach the frontend", _cf_echo, timeout=90),
-    Check("xenbus.frontend-closes", "xenbus §5", "the frontend closes its console",
-          _cf_closes, timeout=90),
-    Check("hostile.bad-in-prod", "console §1", "an impossible in_prod is detected (fail, "
-          "not hang or crash)", _cf_bad_in_prod, timeout=90),
-    Check("hostile.backend-vanishes", "xenbus §5", "a backend closing mid-run does not hang "
-          "or crash the frontend", _cf_vanish, timeout=90),
+    _COMMON["closes"],
+    hostile_check("hostile.bad-in-prod", "console §1", "an impossible in_prod is detected "
+                  "(fail, not hang or crash)", "bad-in-prod",
+                  "a backend publishing in_prod 3000 ahead"),
+    _COMMON["vanish"],
 ]
 
 
@@ -335,16 +311,7 @@ async def reference_console_frontend(socket_path: str, domain: str) -> None:
 
 def main() -> int:
     """``python -m pvio.testing.console``: pvio's console frontend as a kit program."""
-    sock = os.environ.get("PVIO_SOCKET")
-    if not sock:
-        print("error: set PVIO_SOCKET", file=sys.stderr)
-        return 2
-    try:
-        trio.run(reference_console_frontend, sock, os.environ.get("PVIO_DOMAIN", "guest"))
-    except BaseException as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return program_main(reference_console_frontend)
 
 
 if __name__ == "__main__":

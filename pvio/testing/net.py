@@ -20,7 +20,6 @@ that closes the vif.
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 from contextlib import asynccontextmanager
@@ -36,14 +35,12 @@ from pvio.testing._frontend import (
     FrontendTarget,
     Observation,
     Scenario,
-    closes,
-    completed,
+    common_checks,
     decimal_key,
     device_of,
-    noticed,
+    hostile_check,
+    program_main,
     run_frontend,
-    state_order,
-    survived,
     vanish,
 )
 from pvio.testing._net import (
@@ -370,14 +367,6 @@ async def _run(target: FrontendTarget, misbehave: str = "") -> Observation:
     return await run_frontend(target, scenario, obs)
 
 
-async def _nf_completes(env: FrontendEnv) -> None:
-    completed(await env.strict())
-
-
-async def _nf_states(env: FrontendEnv) -> None:
-    state_order(await env.strict())
-
-
 async def _nf_keys(env: FrontendEnv) -> None:
     obs = await env.strict()
     decimal_key(obs, "tx-ring-ref", "rx-ring-ref")
@@ -414,28 +403,10 @@ async def _nf_echo(env: FrontendEnv) -> None:
     expect(all(e[:6] == KIT_MAC for e in echoes), "echoes were not addressed to the kit")
 
 
-async def _nf_closes(env: FrontendEnv) -> None:
-    closes(await env.strict())
-
-
-async def _nf_bad_rx(env: FrontendEnv) -> None:
-    noticed(await env.hostile("bad-rx-offset"), "RX responses whose offset+size leave the "
-            "page")
-
-
-async def _nf_wrong_tx_id(env: FrontendEnv) -> None:
-    noticed(await env.hostile("wrong-tx-id"), "TX responses for an id never sent")
-
-
-async def _nf_vanish(env: FrontendEnv) -> None:
-    survived(await env.hostile("vanish"), "a backend that closes the vif mid-run")
-
-
+_COMMON = common_checks("netif §5", "sends, echoes")
 NET_FRONTEND_CHECKS = [
-    Check("frontend.completes", "netif §5", "the frontend sends, echoes and exits 0",
-          _nf_completes, timeout=90),
-    Check("xenbus.frontend-states", "xenbus §5", "Initialising -> Initialised -> Connected "
-          "(after the backend) -> Closing -> Closed", _nf_states, timeout=90),
+    _COMMON["completes"],
+    _COMMON["states"],
     Check("netif.frontend-keys", "netif §1", "ring refs, event channel(s), request-rx-copy=1 "
           "and feature-rx-notify=1 are published before Initialised", _nf_keys, timeout=90),
     Check("netif.tx-valid", "netif §3", "every packet the frontend sends passes netback's "
@@ -444,14 +415,13 @@ NET_FRONTEND_CHECKS = [
           _nf_frames, timeout=90),
     Check("netif.frontend-receives", "netif §4", "the frontend posts RX buffers and "
           "receives frames", _nf_echo, timeout=90),
-    Check("xenbus.frontend-closes", "xenbus §5", "the frontend closes its vif", _nf_closes,
-          timeout=90),
-    Check("hostile.bad-rx-response", "netif §4", "an RX response leaving its page is "
-          "detected (fail, not crash or hang)", _nf_bad_rx, timeout=90),
-    Check("hostile.wrong-tx-id", "netif §3", "a TX response for an id not in flight is "
-          "detected", _nf_wrong_tx_id, timeout=90),
-    Check("hostile.backend-vanishes", "xenbus §5", "a backend closing mid-run does not hang "
-          "or crash the frontend", _nf_vanish, timeout=90),
+    _COMMON["closes"],
+    hostile_check("hostile.bad-rx-response", "netif §4", "an RX response leaving its page "
+                  "is detected (fail, not crash or hang)", "bad-rx-offset",
+                  "RX responses whose offset+size leave the page"),
+    hostile_check("hostile.wrong-tx-id", "netif §3", "a TX response for an id not in "
+                  "flight is detected", "wrong-tx-id", "TX responses for an id never sent"),
+    _COMMON["vanish"],
 ]
 
 
@@ -486,16 +456,7 @@ async def reference_net_frontend(socket_path: str, domain: str) -> None:
 
 def main() -> int:
     """``python -m pvio.testing.net``: pvio's netfront as a kit program."""
-    sock = os.environ.get("PVIO_SOCKET")
-    if not sock:
-        print("error: set PVIO_SOCKET", file=sys.stderr)
-        return 2
-    try:
-        trio.run(reference_net_frontend, sock, os.environ.get("PVIO_DOMAIN", "guest"))
-    except BaseException as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return program_main(reference_net_frontend)
 
 
 if __name__ == "__main__":
