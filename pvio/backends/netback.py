@@ -25,6 +25,7 @@ buffers loses frames (counted), never the daemon's memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,13 +38,15 @@ from pvio.layouts import (
     XEN_NETIF_GSO_TYPE_TCPV4,
     XEN_NETIF_GSO_TYPE_TCPV6,
     XEN_PAGE_SIZE,
-    NetifRsp,
-    NetRxFlag,
 )
 from pvio.netif import (
     NO_OFFLOAD,
+    RSP_ERROR,
+    RSP_NULL,
     RX_REQ,
     RX_RSP,
+    RXF_EXTRA_INFO,
+    RXF_MORE_DATA,
     TX_REQ_SIZE,
     Frame,
     NetifFatal,
@@ -56,7 +59,7 @@ from pvio.netif import (
 )
 from pvio.netswitch import Port, Switch
 from pvio.ring import NETIF_RX, NETIF_TX, BackRing, GrantError, RingBrokenError, wait_for_work
-from pvio.ring.grant import GNTST, CopyOp
+from pvio.ring.grant import GNTST
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import VIF, BackendConnection, RingBackendDriver
 
@@ -319,27 +322,36 @@ class NetBackend(RingBackendDriver):
         if not batch:
             return 0
         results = assemble(batch, max_slots=self.max_slots, accept_gso=_GSO_TYPES)
-        ops: list[CopyOp] = []
+        refs: list[int] = []
+        offs: list[int] = []
+        lens: list[int] = []
         spans = []
         for r in results:
             if isinstance(r, TxPacket):
-                start = len(ops)
-                ops += [CopyOp(f.gref, f.offset, bytearray(f.size)) for f in r.fragments]
-                spans.append((r, start, len(ops)))
+                start = len(refs)
+                for f in r.fragments:
+                    refs.append(f.gref)
+                    offs.append(f.offset)
+                    lens.append(f.size)
+                spans.append((r, start, len(refs)))
             else:
                 self._refuse(r.reason)
         self.switch.begin_batch()
         try:
-            if ops:
-                statuses = mapper.copy(ops)
+            if refs:
+                local_offs = list(itertools.accumulate(lens, initial=0))
+                buf = bytearray(local_offs.pop())
+                statuses = mapper.copy_vec(refs, offs, lens, buf, local_offs, to_grant=False)
+                view = memoryview(buf)
                 for packet, a, b in spans:
-                    bad = next((s for s in statuses[a:b] if s != GNTST.okay), None)
+                    bad = next((st for st in statuses[a:b] if st != GNTST.okay), None)
                     if bad is not None:
-                        self._refuse(str(GrantError(bad, ops[a + statuses[a:b].index(bad)].ref)))
-                        packet.responses = [(rid, NetifRsp.ERROR if st != NetifRsp.NULL else st)
+                        ref = refs[a + statuses[a:b].index(bad)]
+                        self._refuse(str(GrantError(bad, ref)))
+                        packet.responses = [(rid, RSP_ERROR if st != RSP_NULL else st)
                                             for rid, st in packet.responses]
                         continue
-                    data = ops[a].local if b - a == 1 else b"".join(op.local for op in ops[a:b])
+                    data = bytes(view[local_offs[a]:local_offs[a] + packet.size])
                     self.stats.tx_packets += 1
                     self.stats.tx_bytes += len(data)
                     self.switch.forward(self.port, data, offload_of(packet))
@@ -429,41 +441,47 @@ class NetBackend(RingBackendDriver):
             raise RingBrokenError("rx requests vanished")
         queue.held = reqs[need * RX_REQ.size:]
         out = bytearray(need * RX_RSP.size)
-        ops: list[CopyOp] = []
-        slot = 0
+        src = b"".join(frame.data for frame, _ in plan)
+        refs: list[int] = []
+        lens: list[int] = []
+        src_offs: list[int] = []
+        slot = pos = 0
         firsts = []
         for frame, _ in plan:
-            data = memoryview(frame.data)
-            firsts.append((slot, len(ops)))
-            chunks = -(-len(data) // XEN_PAGE_SIZE)
+            length = len(frame.data)
+            firsts.append((slot, len(refs)))
+            chunks = -(-length // XEN_PAGE_SIZE)
             flags = rx_flags(frame.offload)
+            gso = frame.offload.gso_type
             for c in range(chunks):
                 rid, _, gref = RX_REQ.unpack_from(reqs, slot * RX_REQ.size)
-                chunk = data[c * XEN_PAGE_SIZE:(c + 1) * XEN_PAGE_SIZE]
-                ops.append(CopyOp(gref, 0, chunk, to_grant=True))
+                size = min(XEN_PAGE_SIZE, length - c * XEN_PAGE_SIZE)
+                refs.append(gref)
+                lens.append(size)
+                src_offs.append(pos)
+                pos += size
                 f = flags if c == 0 else 0
                 if c < chunks - 1:
-                    f |= NetRxFlag.MORE_DATA
-                if c == 0 and frame.offload.gso_type:
-                    f |= NetRxFlag.EXTRA_INFO
-                RX_RSP.pack_into(out, slot * RX_RSP.size, rid, 0, f, len(chunk))
+                    f |= RXF_MORE_DATA
+                if c == 0 and gso:
+                    f |= RXF_EXTRA_INFO
+                RX_RSP.pack_into(out, slot * RX_RSP.size, rid, 0, f, size)
                 slot += 1
-                if c == 0 and frame.offload.gso_type:
-                    pack_extra_gso(out, slot * RX_RSP.size, frame.offload.gso_type,
-                                   frame.offload.gso_size)
+                if c == 0 and gso:
+                    pack_extra_gso(out, slot * RX_RSP.size, gso, frame.offload.gso_size)
                     slot += 1
-        statuses = mapper.copy(ops)
+        statuses = mapper.copy_vec(refs, [0] * len(refs), lens, src, src_offs, to_grant=True)
         for (frame, _), (first, op0) in zip(plan, firsts, strict=True):
             n_ops = -(-len(frame.data) // XEN_PAGE_SIZE)
-            if any(s != GNTST.okay for s in statuses[op0:op0 + n_ops]):
+            bad = next((st for st in statuses[op0:op0 + n_ops] if st != GNTST.okay), None)
+            if bad is not None:
                 self.stats.rx_errors += 1
-                bad = next(s for s in statuses[op0:op0 + n_ops] if s != GNTST.okay)
                 peer_log.info(f"rx:{self.domain.domid}", "%s: rx copy failed: %s",
-                              self.port_name, GrantError(bad, ops[op0].ref))
+                              self.port_name, GrantError(bad, refs[op0]))
                 k, s = first, 0
                 while s < n_ops:  # every fragment slot of the packet says ERROR
                     rid, off, f, _ = RX_RSP.unpack_from(out, k * RX_RSP.size)
-                    RX_RSP.pack_into(out, k * RX_RSP.size, rid, off, f, NetifRsp.ERROR)
+                    RX_RSP.pack_into(out, k * RX_RSP.size, rid, off, f, RSP_ERROR)
                     k += 2 if (s == 0 and frame.offload.gso_type) else 1
                     s += 1
             else:

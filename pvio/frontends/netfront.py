@@ -36,14 +36,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from pvio.layouts import XEN_PAGE_SIZE, NetifRsp, NetTxFlag
+from pvio.layouts import XEN_PAGE_SIZE
 from pvio.netif import (
     EXTRA,
     NO_OFFLOAD,
+    RSP_NULL,
+    RSP_OKAY,
     RX_REQ,
     RX_RSP,
     TX_REQ,
     TX_RSP,
+    TXF_CSUM_BLANK,
+    TXF_DATA_VALIDATED,
+    TXF_EXTRA_INFO,
+    TXF_MORE_DATA,
     Frame,
     Offload,
     RxProtocolError,
@@ -344,13 +350,13 @@ class NetFront(RingFrontendDriver):
         n = len(raw) // TX_RSP.size
         for k in range(n):
             rid, status = TX_RSP.unpack_from(raw, k * TX_RSP.size)
-            if status == NetifRsp.NULL:
+            if status == RSP_NULL:
                 continue
             if rid not in queue.in_flight:
                 raise NetDeviceError(f"tx response for id {rid}, which is not in flight")
             queue.in_flight.discard(rid)
             queue.free_ids.append(rid)
-            if status != NetifRsp.OKAY:
+            if status != RSP_OKAY:
                 self.stats.tx_errors += 1
         return n
 
@@ -370,9 +376,9 @@ class NetFront(RingFrontendDriver):
             free_slots -= slots
             flags = 0
             if off.csum_blank:
-                flags |= NetTxFlag.CSUM_BLANK | NetTxFlag.DATA_VALIDATED
+                flags |= TXF_CSUM_BLANK | TXF_DATA_VALIDATED
             elif off.data_validated:
-                flags |= NetTxFlag.DATA_VALIDATED
+                flags |= TXF_DATA_VALIDATED
             for c in range(chunks):
                 rid = queue.free_ids.pop()
                 queue.in_flight.add(rid)
@@ -380,9 +386,9 @@ class NetFront(RingFrontendDriver):
                 queue.tx_pages[rid][:len(piece)] = piece
                 f = flags if c == 0 else 0
                 if c < chunks - 1:
-                    f |= NetTxFlag.MORE_DATA
+                    f |= TXF_MORE_DATA
                 if c == 0 and off.gso_type:
-                    f |= NetTxFlag.EXTRA_INFO
+                    f |= TXF_EXTRA_INFO
                 out += TX_REQ.pack(queue.tx_refs[rid], 0, f, rid,
                                    len(data) if c == 0 else len(piece))
                 if c == 0 and off.gso_type:

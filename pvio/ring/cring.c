@@ -534,30 +534,59 @@ void pvio_gnt_unpin(uint8_t *table, uint32_t ref, int writable,
 /* GNTTABOP_copy between granted pages and local buffers. Each element gets
  * its own status; a failed element does not stop the others (XSA-361 style:
  * the caller checks every status). */
+/* One GNTTABOP_copy element: check, pin, copy, unpin; its GNTST code. */
+static int32_t gnt_copy_one(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
+                            uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
+                            uint32_t ref, uint32_t offset, uint32_t len, int to_grant,
+                            uint8_t *local)
+{
+    uint32_t frame;
+    int32_t st;
+    if (offset >= PVIO_PAGE || len > PVIO_PAGE - offset)
+        return GNTST_bad_copy_arg;
+    st = pvio_gnt_pin(table, nr, ref, domid, to_grant != 0, nr_frames, rd_pins, wr_pins,
+                      &frame);
+    if (st != GNTST_okay)
+        return st;
+    if (to_grant)
+        memcpy(pool + (size_t)frame * PVIO_PAGE + offset, local, len);
+    else
+        memcpy(local, pool + (size_t)frame * PVIO_PAGE + offset, len);
+    pvio_gnt_unpin(table, ref, to_grant != 0, rd_pins, wr_pins);
+    return GNTST_okay;
+}
+
 int pvio_gnt_copy(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
                   uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
                   pvio_gnt_copy_op *ops, uint32_t n)
 {
-    uint32_t i, frame;
+    uint32_t i;
     int failures = 0;
     for (i = 0; i < n; i++) {
         pvio_gnt_copy_op *op = &ops[i];
-        if (op->offset >= PVIO_PAGE || op->len > PVIO_PAGE - op->offset) {
-            op->status = GNTST_bad_copy_arg;
-            failures++;
-            continue;
-        }
-        op->status = pvio_gnt_pin(table, nr, op->ref, domid, op->to_grant != 0,
-                                  nr_frames, rd_pins, wr_pins, &frame);
-        if (op->status != GNTST_okay) {
-            failures++;
-            continue;
-        }
-        if (op->to_grant)
-            memcpy(pool + (size_t)frame * PVIO_PAGE + op->offset, op->local, op->len);
+        op->status = gnt_copy_one(table, nr, domid, pool, nr_frames, rd_pins, wr_pins,
+                                  op->ref, op->offset, op->len, op->to_grant, op->local);
+        failures += op->status != GNTST_okay;
+    }
+    return failures;
+}
+
+int pvio_gnt_copy_vec(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
+                      uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
+                      const uint32_t *refs, const uint32_t *offs, const uint32_t *lens,
+                      uint8_t *local, uint64_t local_size, const uint32_t *local_offs,
+                      uint32_t n, int to_grant, int32_t *status)
+{
+    uint32_t i;
+    int failures = 0;
+    for (i = 0; i < n; i++) {
+        if ((uint64_t)local_offs[i] + lens[i] > local_size)
+            status[i] = GNTST_bad_copy_arg;
         else
-            memcpy(op->local, pool + (size_t)frame * PVIO_PAGE + op->offset, op->len);
-        pvio_gnt_unpin(table, op->ref, op->to_grant != 0, rd_pins, wr_pins);
+            status[i] = gnt_copy_one(table, nr, domid, pool, nr_frames, rd_pins, wr_pins,
+                                     refs[i], offs[i], lens[i], to_grant,
+                                     local + local_offs[i]);
+        failures += status[i] != GNTST_okay;
     }
     return failures;
 }

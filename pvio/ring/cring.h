@@ -101,6 +101,15 @@ void pvio_gnt_unpin(uint8_t *table, uint32_t ref, int writable,
 int pvio_gnt_copy(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
                   uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
                   pvio_gnt_copy_op *ops, uint32_t n);
+/* GNTTABOP_copy of n fragments between granted pages and one local buffer:
+ * fragment i is lens[i] bytes at offs[i] of the page granted by refs[i], and
+ * at local_offs[i] of local (local_size bytes). status[i] gets its GNTST code;
+ * returns the number of failures. */
+int pvio_gnt_copy_vec(uint8_t *table, uint32_t nr, uint16_t domid, uint8_t *pool,
+                      uint32_t nr_frames, uint32_t *rd_pins, uint32_t *wr_pins,
+                      const uint32_t *refs, const uint32_t *offs, const uint32_t *lens,
+                      uint8_t *local, uint64_t local_size, const uint32_t *local_offs,
+                      uint32_t n, int to_grant, int32_t *status);
 
 /* Contiguous mapping of (possibly scattered) pool frames: Xen's multi-page
  * map. Returns NULL and sets errno on failure. */

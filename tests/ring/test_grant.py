@@ -123,6 +123,26 @@ def test_copy_batch_reports_each_element(granter, mapper):
     assert table.entry(good).flags == GTF.permit_access  # transient pins released
 
 
+def test_copy_vec_gives_the_same_statuses_and_bytes_as_copy(granter, mapper):
+    table, pool = granter
+    good = table.grant_access(BACKEND_DOMID, pool.alloc())
+    ro = table.grant_access(BACKEND_DOMID, pool.alloc(), readonly=True)
+    other = table.grant_access(BACKEND_DOMID + 1, pool.alloc())
+    local = bytearray(b"0123456789abcdef")
+    cases = [(good, 100, 5, 0), (ro, 0, 4, 5), (good, 4095, 2, 9), (other, 0, 1, 11),
+             (10**6, 0, 1, 12), (good, 200, 4, 14)]  # the last runs past the local buffer
+    statuses = mapper.copy_vec([c[0] for c in cases], [c[1] for c in cases],
+                               [c[2] for c in cases], local, [c[3] for c in cases],
+                               to_grant=True)
+    ops = [CopyOp(ref, off, local[lo:lo + n], to_grant=True) for ref, off, n, lo in cases[:-1]]
+    assert statuses[:-1] == mapper.copy(ops)
+    assert statuses[-1] == GNTST.bad_copy_arg
+    back = bytearray(5)
+    assert mapper.copy_vec([good], [100], [5], back, [0], to_grant=False) == [GNTST.okay]
+    assert back == b"01234"
+    assert table.entry(good).flags == GTF.permit_access  # transient pins released
+
+
 def test_read_only_grant_is_read_only_in_the_mmu(granter, tmp_path):
     """A read-only grant is mapped PROT_READ: a write faults instead of landing."""
     table, pool = granter
