@@ -317,6 +317,28 @@ async def _bb_notifies(t: BackendTarget) -> None:
                "channel although rsp_event asked for it (ring §2.4), or did not answer")
 
 
+async def _bb_state_abuse(t: BackendTarget) -> None:
+    from pvio.frontends.session import open_session
+
+    async with open_session(t.socket, t.domain, pool_pages=64) as session:
+        vbd = next((d for d in await session.devices() if d.type == "vbd"), None)
+        if vbd is None:
+            raise KitError(f"domain {t.domain!r} offers no vbd")
+        fe = f"device/vbd/{vbd.devid}"
+        # Garbage, an unknown state, and Connected with no ring published at all.
+        for value in ("not-a-state", "99", "-1", str(int(S.Connected))):
+            await session.xs.write(f"{fe}/state", value)
+            await trio.sleep(0.05)
+        state = parse_state(await session.xs.read_or_none(f"{vbd.backend}/state"))
+        expect(state != S.Connected, "a frontend that wrote garbage states and then "
+               "Connected without publishing a ring got a Connected backend")
+    async with _attach(t) as att:  # the backend (and the daemon) still serve the domain
+        _, ref, _ = att.raw.page()
+        [(_, _, st)] = await att.raw.call(rw_req(BlkifOp.READ, 1, 0, [(ref, 0, 0)]))
+        expect(st == BlkifRsp.OKAY, "after the state-machine abuse, a fresh attach of the "
+               "same domain did not work")
+
+
 async def _bb_close(t: BackendTarget) -> None:
     async with _attach(t) as att:
         await att.device.close()
@@ -365,6 +387,9 @@ BLOCK_BACKEND_CHECKS = [
        _bb_hostile_index),
     _c("evtchn.flood", "ring §5",
        "a flood of notifications without work does not stop the backend", _bb_event_flood),
+    _c("xenbus.state-abuse", "xenbus §5",
+       "garbage or out-of-order frontend states never connect a device without a ring, "
+       "and the domain can attach again afterwards", _bb_state_abuse),
     _c("xenbus.backend-closes", "xenbus §5",
        "a frontend going Closing makes the backend go Closed", _bb_close),
 ]
