@@ -58,15 +58,7 @@ from pvio.netif import (
     rx_flags,
 )
 from pvio.netswitch import Port, Switch
-from pvio.ring import (
-    NETIF_RX,
-    NETIF_TX,
-    BackRing,
-    BusyPoll,
-    GrantError,
-    RingBrokenError,
-    wait_for_work,
-)
+from pvio.ring import NETIF_RX, NETIF_TX, BackRing, GrantError, RingBrokenError, wait_for_work
 from pvio.ring.grant import GNTST
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import VIF, BackendConnection, RingBackendDriver
@@ -149,13 +141,6 @@ class _Work:
     def __init__(self, queue: _Queue, tx: bool, rx: bool) -> None:
         self.queue, self.tx, self.rx = queue, tx, rx
 
-    def spin(self, ns: int) -> bool:
-        """Busy-poll the ring this task consumes (BusyPoll): True if work showed up."""
-        if self.tx:
-            return self.queue.tx.spin(ns)
-        # RX has work only for queued frames; posted buffers alone are not work.
-        return bool(self.queue.frames) and self.queue.rx.spin(ns)
-
     def final_check(self) -> int:
         work = 0
         if self.tx:
@@ -171,15 +156,13 @@ class NetBackend(RingBackendDriver):
     layout = VIF
 
     def __init__(self, domain, mac: str, switch: Switch | None = None, *, devid: int = 0,
-                 queue_frames: int = 1024, max_slots: int = 20,
-                 busy_poll_us: float = 20.0) -> None:
+                 queue_frames: int = 1024, max_slots: int = 20) -> None:
         super().__init__(domain)
         self.mac = mac
         self.switch = switch if switch is not None else Switch()
         self.devid = devid
         self.queue_frames = queue_frames
         self.max_slots = max_slots
-        self.busy_poll_us = busy_poll_us  # spin this long on the rings before sleeping
         self.stats = NetStats()
         self.port: VifPort | None = None
         self._queues: list[_Queue] = []
@@ -280,7 +263,6 @@ class NetBackend(RingBackendDriver):
     async def _serve(self, queue: _Queue, channel, work: _Work, stopped: trio.Event, *,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
         mapper = self.domain.mapper()
-        poll = BusyPoll(self.busy_poll_us) if self.busy_poll_us else None
         try:
             task_status.started()
             while not self._draining:
@@ -299,7 +281,7 @@ class NetBackend(RingBackendDriver):
                 scope = trio.CancelScope()
                 self._wait_scopes.add(scope)
                 with scope:
-                    await wait_for_work(work, channel, poll)
+                    await wait_for_work(work, channel)
                 self._wait_scopes.discard(scope)
         finally:
             stopped.set()
