@@ -290,10 +290,14 @@ class NetFront(RingFrontendDriver):
         return (await self.receive_many(1))[0]
 
     async def receive_many(self, limit: int = 64) -> list[Frame]:
-        """Up to ``limit`` received frames (waits for at least one)."""
-        while not self._rx_frames:
-            self._check()
-            await self._rx_lot.park()
+        """Up to ``limit`` received frames (waits for at least one). Always a trio
+        checkpoint, so a consumer loop cannot starve its sibling tasks."""
+        if not self._rx_frames:
+            while not self._rx_frames:
+                self._check()
+                await self._rx_lot.park()
+        else:
+            await trio.lowlevel.checkpoint()
         frames = self._rx_frames
         out = [frames.popleft() for _ in range(min(limit, len(frames)))]
         if self._rx_full and len(frames) < self.rx_backlog // 2:

@@ -537,3 +537,21 @@ async def test_tx_response_for_an_id_not_in_flight_puts_the_device_in_error():
         assert rid in front._q[0].in_flight
         back.respond_tx((rid ^ 1, 0))  # answered with an id that was never sent
         await expect_device_error(front, "not in flight")
+
+
+async def test_regression_receive_many_is_a_checkpoint_even_when_frames_wait():
+    # A consumer looping on receive_many never yielded while frames were queued, so
+    # the other tasks of its program (netfront-tap's TAP reader) could starve.
+    from pvio.testing.fixtures import net_pair
+
+    async with net_pair() as (a, b, _daemon):
+        dst, src = (bytes.fromhex(m.replace(":", "")) for m in (b.mac, a.mac))
+        await a.send_many([dst + src + b"\x88\xb5" + bytes(46)] * 4)
+        with trio.fail_after(5):
+            while len(b._rx_frames) < 4:
+                await trio.sleep(0.01)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await b.receive_many(1)  # frames are waiting, yet it must be a cancel point
+        assert len(b._rx_frames) == 4  # the cancelled call took nothing
