@@ -19,9 +19,6 @@ import pytest
 from pvio import _netns
 from pvio._netns import Netns, available, veth_pair
 
-pytestmark = pytest.mark.skipif(available() is not None,
-                                reason=str(available()))
-
 PREFIX = "pvio-t"
 
 

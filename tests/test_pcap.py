@@ -13,8 +13,7 @@ import pytest
 from pvio.pcap import FILE_HEADER, LINKTYPE_ETHERNET, MAGIC, SNAPLEN, PcapWriter, read_pcap
 from tests.test_l4 import ICMP, TCP, UDP, build, eth, ipv4
 
-TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")
+TSHARK = "tshark"  # installed by .ci/run
 
 T0 = 1_764_000_000_123_456_789  # ns since the epoch
 
@@ -87,7 +86,6 @@ def test_regression_read_pcap_stops_at_a_cut_record():
         assert [f for _, f in records] == frames[:2], cut
 
 
-@needs_tshark
 def test_tshark_reads_the_frames(tmp_path):
     frames = sample_frames()
     path = tmp_path / "f.pcap"
@@ -113,7 +111,6 @@ def test_tshark_reads_the_frames(tmp_path):
     assert rows[5][5] == "6"
 
 
-@needs_tshark
 def test_tshark_sees_the_snaplen_and_the_original_length(tmp_path):
     frames = sample_frames()
     path = tmp_path / "cut.pcap"

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import tempfile
 
 import pytest
 
-from pvio._netns import available
 from pvio.bench import _net_baselines as baselines
 
 
@@ -20,8 +18,6 @@ def our_namespaces() -> list[str]:
     return [line for line in out.splitlines() if f"-{os.getpid()}-" in line]
 
 
-@pytest.mark.skipif(available() is not None or shutil.which("iperf3") is None,
-                    reason=f"needs iperf3 and network namespaces ({available()})")
 def test_veth_tcp():
     result = baselines.veth_tcp(1)
     assert set(result) >= {"bits_per_second", "retransmits"}
