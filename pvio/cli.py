@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pvio import __version__
@@ -33,6 +34,15 @@ examples:
   pvio conformance block --socket $(pvio sockets) --junit report.xml
                                   check a daemon's block backend against the specs
 """
+
+
+#: ``pvio bench NAME``: the module ``pvio.bench.NAME`` (add_arguments, run) and its help.
+BENCHMARKS = {
+    "ring": "request/response round trips through a shared ring between two processes",
+    "block": "a pvio disk vs in-process os.pread and a Unix-socket block server",
+    "console": "console throughput and echo latency vs a plain pty pair and a socketpair",
+    "net": "iperf3 TCP and 64-byte frames/s through pvio vs veth and a Python relay",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,43 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and print ratios (absolute numbers drift on shared machines; ratios do not).",
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    from pvio.bench import block as bench_block
-    from pvio.bench import console as bench_console
-    from pvio.bench import net as bench_net
-    from pvio.bench import ring as bench_ring
-
-    bench_ring.add_arguments(
-        bench_sub.add_parser(
-            "ring",
-            help="request/response round trips through a shared ring between two processes",
-            description=bench_ring.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    bench_block.add_arguments(
-        bench_sub.add_parser(
-            "block",
-            help="a pvio disk vs in-process os.pread and a Unix-socket block server",
-            description=bench_block.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    bench_console.add_arguments(
-        bench_sub.add_parser(
-            "console",
-            help="console throughput and echo latency vs a plain pty pair and a socketpair",
-            description=bench_console.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    bench_net.add_arguments(
-        bench_sub.add_parser(
-            "net",
-            help="iperf3 TCP and 64-byte frames/s through pvio vs veth and a Python relay",
-            description=bench_net.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
+    for name, help_text in BENCHMARKS.items():
+        module = importlib.import_module(f"pvio.bench.{name}")
+        module.add_arguments(bench_sub.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter))
     from pvio import _blkcli
 
     _blkcli.add_arguments(
@@ -227,21 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return _blkcli.run(args)
     if args.command == "bench":
-        if args.bench == "block":
-            from pvio.bench import block as bench_block
-
-            return bench_block.run(args)
-        if args.bench == "net":
-            from pvio.bench import net as bench_net
-
-            return bench_net.run(args)
-        if args.bench == "console":
-            from pvio.bench import console as bench_console
-
-            return bench_console.run(args)
-        from pvio.bench import ring as bench_ring
-
-        return bench_ring.run(args)
+        return importlib.import_module(f"pvio.bench.{args.bench}").run(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 

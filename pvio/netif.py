@@ -224,11 +224,6 @@ class Frame(NamedTuple):
     offload: Offload = NO_OFFLOAD
 
 
-def tx_packet_slots(length: int, offload: Offload) -> int:
-    """Ring slots a frontend needs to send a ``length``-byte packet from page 0 offsets."""
-    return -(-length // XEN_PAGE_SIZE) + (1 if offload.gso_type else 0)
-
-
 def pack_extra_gso(out, pos: int, gso_type: int, gso_size: int, more: bool = False) -> None:
     """A ``netif_extra_info`` GSO slot at ``out[pos:pos+8]``."""
     EXTRA.pack_into(out, pos, EXTRA_GSO,

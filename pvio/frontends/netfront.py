@@ -38,7 +38,6 @@ import trio
 
 from pvio.layouts import XEN_PAGE_SIZE
 from pvio.netif import (
-    EXTRA,
     NO_OFFLOAD,
     RSP_NULL,
     RSP_OKAY,
@@ -61,11 +60,9 @@ from pvio.xenbus.ringdev import DOM0, VIF, RingFrontendDriver
 
 log = logging.getLogger("pvio.netfront")
 
-_NETFRONT_KEYS = ("mac", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
-                  "feature-rx-copy", "feature-split-event-channels",
-                  "multi-queue-max-queues")
 #: The backend keys netfront reads when it attaches.
-NET_KEYS = _NETFRONT_KEYS
+NET_KEYS = ("mac", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-rx-copy",
+            "feature-split-event-channels", "multi-queue-max-queues")
 
 
 class NetDeviceError(OSError):
@@ -520,4 +517,4 @@ class BlockingNetFront:
         self._session.__exit__(*exc)
 
 
-__all__ = ["EXTRA", "BlockingNetFront", "NetDeviceError", "NetFront", "open_netfront"]
+__all__ = ["BlockingNetFront", "NetDeviceError", "NetFront", "open_netfront"]

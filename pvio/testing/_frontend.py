@@ -12,7 +12,6 @@ a hostile backend) live here too.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -37,10 +36,6 @@ class FrontendTarget:
     command: list[str] | None = None
     factory: FrontendFactory | None = None
     timeout: float = 30.0
-
-    def describe(self) -> str:
-        return shlex.join(self.command) if self.command else getattr(
-            self.factory, "__name__", "frontend")
 
 
 @dataclass

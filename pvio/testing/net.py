@@ -28,7 +28,6 @@ import trio
 
 from pvio.frontends.netfront import NET_KEYS
 from pvio.layouts import XenbusState as S
-from pvio.netswitch import Port
 from pvio.testing._core import Check, KitError, Report, expect, run_checks
 from pvio.testing._frontend import (
     FrontendEnv,
@@ -463,5 +462,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["NET_BACKEND_CHECKS", "NET_FRONTEND_CHECKS", "Port", "check_net_backend",
+__all__ = ["NET_BACKEND_CHECKS", "NET_FRONTEND_CHECKS", "check_net_backend",
            "check_net_frontend", "reference_net_frontend"]
