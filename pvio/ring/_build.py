@@ -19,7 +19,12 @@ sys.path.insert(0, str(_HERE.parent.parent))  # import pvio._cgen from the sourc
 from pvio import _cgen  # noqa: E402
 
 _STRUCTS = _cgen.c_declarations()
-_HEADER = (_HERE / "cring.h").read_text()
+# One compiled module, one C file per job: the ring/grant/evtchn mechanics
+# (cring), then whatever protocol fast paths exist (cblk, cnet, ...), each with
+# its header of declarations that cffi also reads.
+_PARTS = ["cring"] + sorted(p.stem for p in _HERE.glob("c*.c") if p.stem != "cring")
+_HEADER = "".join((_HERE / f"{name}.h").read_text() for name in _PARTS)
+_SOURCE = "".join((_HERE / f"{name}.c").read_text() for name in _PARTS)
 
 ffibuilder = FFI()
 ffibuilder.cdef(_STRUCTS + _HEADER)
@@ -28,7 +33,7 @@ ffibuilder.set_source(
     "#define _GNU_SOURCE\n#include <stdint.h>\n"
     + _STRUCTS
     + _HEADER
-    + (_HERE / "cring.c").read_text(),
+    + _SOURCE,
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
 )
 
