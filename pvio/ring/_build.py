@@ -38,7 +38,12 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
+    import os
     import shutil
 
     built = ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"))
-    shutil.copy(built, _HERE)
+    target = _HERE / pathlib.Path(built).name
+    # a new inode, renamed into place: processes that have the old module
+    # mapped keep their copy (overwriting it in place would SIGBUS them)
+    shutil.copy(built, f"{target}.tmp")
+    os.replace(f"{target}.tmp", target)
