@@ -47,3 +47,6 @@ if __name__ == "__main__":
     # mapped keep their copy (overwriting it in place would SIGBUS them)
     shutil.copy(built, f"{target}.tmp")
     os.replace(f"{target}.tmp", target)
+    for other in _HERE.glob("_cring.*.so"):  # a stale build of another tag would shadow it
+        if other != target:
+            other.unlink()
