@@ -22,7 +22,7 @@ _STRUCTS = _cgen.c_declarations()
 # One compiled module, one C file per job: the ring/grant/evtchn mechanics
 # (cring), then whatever protocol fast paths exist (cblk, cnet, ...), each with
 # its header of declarations that cffi also reads.
-_PARTS = ["cring"] + sorted(p.stem for p in _HERE.glob("c*.c") if p.stem != "cring")
+_PARTS = ["cring", *sorted(p.stem for p in _HERE.glob("c*.c") if p.stem != "cring")]
 _HEADER = "".join((_HERE / f"{name}.h").read_text() for name in _PARTS)
 _SOURCE = "".join((_HERE / f"{name}.c").read_text() for name in _PARTS)
 
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     import shutil
 
     built = ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"))
-    target = _HERE / pathlib.Path(built).name
+    target = _HERE / "_cring.abi3.so"  # the name pip gives it (cffi builds for the limited API)
     # a new inode, renamed into place: processes that have the old module
     # mapped keep their copy (overwriting it in place would SIGBUS them)
     shutil.copy(built, f"{target}.tmp")
