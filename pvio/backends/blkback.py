@@ -1,12 +1,17 @@
 """blkback: the block backend (io/blkif.h) as a trio service.
 
 Per connected device one task consumes the ring in batches: every request is
-copied out once (``BackRing.take_requests``), validated by
+copied out once (``BackRing.take_requests``). READ and WRITE requests whose
+I/O cannot wait for a device (an image in memory, or RWF_NOWAIT succeeded) are
+validated, pinned, moved and answered by the C fast path
+(:mod:`pvio.backends._blkfast`), in the event loop, one call per run of
+requests. Every other request takes the reference path: validated by
 :func:`pvio.blkif.parse_request`, its segments' grants pinned (in the event
-loop thread, so pin counts need no lock), then the whole batch's file I/O runs
-in one worker thread with ``os.preadv``/``os.pwritev`` straight into and out of
-the granted pages of the shared pool (no extra copy), and the responses go back
-in one ``produce``. Blocking I/O never stalls the trio loop or other devices.
+loop thread, so pin counts need no lock), then the file I/O runs in one worker
+thread with ``os.preadv``/``os.pwritev``. Both paths move data straight into
+and out of the granted pages of the shared pool (no extra copy), serve the
+requests in ring order, and the responses go back in one ``produce``.
+Blocking I/O never stalls the trio loop or other devices.
 
 Durability (hardening.md #22-24): a write is answered only after ``pwritev``
 wrote all of it; ``FLUSH_DISKCACHE`` only after ``fdatasync`` returned 0, and
@@ -25,10 +30,11 @@ import trio
 
 from pvio import blkif
 from pvio._log import RateLimitedLogger
-from pvio.blkif import BackendFeatures, BlkError, BlkRequest, pack_responses, parse_request
+from pvio.backends._blkfast import NOT_FAST, BlkFastPath
+from pvio.blkif import BackendFeatures, BlkError, BlkRequest, parse_request
 from pvio.layouts import VDISK_READONLY, XEN_PAGE_SIZE, BlkifOp, BlkifRsp
 from pvio.ring import BLKIF, BackRing, GrantError, RingBrokenError, wait_for_work
-from pvio.ring._lib import lib
+from pvio.ring._lib import ffi, lib
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import VBD, BackendConnection, RingBackendDriver
 
@@ -71,6 +77,10 @@ _OP_NAMES = {BlkifOp.READ: "read", BlkifOp.WRITE: "write", BlkifOp.WRITE_BARRIER
 
 class BlkBackend(RingBackendDriver):
     layout = VBD
+    #: Serve READ and WRITE in the event loop through the C fast path when the
+    #: I/O cannot wait for a device (:mod:`pvio.backends._blkfast`); False sends
+    #: every request through ``_execute`` and every read and write to a worker thread.
+    inline_io = True
 
     def __init__(self, domain, image: str, mode: str = "w", *, sector_size: int = SECTOR,
                  max_indirect_segments: int = 256) -> None:
@@ -86,6 +96,7 @@ class BlkBackend(RingBackendDriver):
         self._draining = False
         self._running: list[trio.Event] = []
         self._rings: list[BackRing] = []
+        self._fast: list = []  # the fast-path contexts of the rings being served
 
     @property
     def size(self) -> int:
@@ -142,8 +153,17 @@ class BlkBackend(RingBackendDriver):
                 "sector-size": str(self.sector_size),
                 "physical-sector-size": str(self.sector_size)}
 
+    def _fold(self, fast: BlkFastPath) -> None:
+        """Move a fast path's counters into :attr:`stats`."""
+        for name, (reqs, nbytes) in fast.take_counters().items():
+            if reqs:
+                self.stats.requests[name] = self.stats.requests.get(name, 0) + reqs
+                self.stats.bytes[name] = self.stats.bytes.get(name, 0) + nbytes
+
     def statistics(self) -> dict[str, int]:
         """Counters for ``<backend>/statistics/`` (what ``pvio status`` shows)."""
+        for fast in self._fast:
+            self._fold(fast)
         out = {f"{op}_req": n for op, n in self.stats.requests.items()}
         out.update({f"{op}_bytes": n for op, n in self.stats.bytes.items()})
         sent = sum(r.notifications[0] for r in self._rings)
@@ -174,7 +194,10 @@ class BlkBackend(RingBackendDriver):
         feats = self._features()
         mapper = self.domain.mapper()
         pool = self.domain.memory["pool"].buf
-        out = bytearray()
+        fast = BlkFastPath(mapper, self._fd, feats)
+        self._fast.append(fast)
+        out = bytearray(ring.nr_ents * blkif.RSP_SIZE)  # a batch is at most a ring
+        dst = ffi.from_buffer(out)
         try:
             task_status.started()
             while not self._draining:
@@ -192,15 +215,32 @@ class BlkBackend(RingBackendDriver):
                         await wait_for_work(ring, channel)
                     del self._wait_scopes[queue]
                     continue
-                reqs = [parse_request(batch[i * blkif.REQ_SIZE:(i + 1) * blkif.REQ_SIZE],
-                                      feats) for i in range(n)]
-                results = await self._execute(reqs, mapper, pool, feats)
-                _, notify = ring.produce(pack_responses(results, out))
+                if not self.inline_io:  # may be switched off while serving
+                    fast.disable()
+                src = ffi.from_buffer(batch)
+                i = 0
+                while i < n:
+                    i, why = fast.serve(src, i, n, dst)
+                    if i == n:
+                        break
+                    # The fast path stopped at request i: the reference path
+                    # answers it (and, when I/O would block, the rest of the
+                    # batch too, in one worker thread), then the fast path resumes.
+                    stop = i + 1 if why == NOT_FAST else n
+                    reqs = [parse_request(batch[k * blkif.REQ_SIZE:(k + 1) * blkif.REQ_SIZE],
+                                          feats) for k in range(i, stop)]
+                    for k, result in enumerate(await self._execute(reqs, mapper, pool, feats),
+                                               start=i):
+                        blkif.RSP.pack_into(out, k * blkif.RSP_SIZE, *result)
+                    i = stop
+                _, notify = ring.produce(memoryview(out)[:n * blkif.RSP_SIZE])
                 if notify:
                     channel.notify()
                 self.stats.batches += 1
                 self.stats.max_batch = max(self.stats.max_batch, n)
         finally:
+            self._fast.remove(fast)
+            self._fold(fast)
             stopped.set()
 
     async def _execute(self, reqs: list, mapper, pool, feats: BackendFeatures) -> list:

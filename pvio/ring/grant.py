@@ -181,6 +181,12 @@ class GrantMapper:
     def unpin(self, ref: int, writable: bool) -> None:
         lib.pvio_gnt_unpin(self.table.ptr, ref, int(writable), self._rd, self._wr)
 
+    @property
+    def pin_counts(self) -> tuple[object, object]:
+        """The per-ref read and write pin counts (``uint32_t[]``), for C fast
+        paths that pin and unpin through ``pvio_gnt_pin``/``pvio_gnt_unpin``."""
+        return self._rd, self._wr
+
     def map(self, refs, writable: bool = True) -> GrantMapping:
         """Map ``refs`` as one contiguous area (e.g. ``ring-ref0..N-1``).
 

@@ -423,6 +423,8 @@ def _instrumented(obs: Observation, misbehave: str = ""):
     from pvio.backends.blkback import BlkBackend
 
     class StrictBlkBackend(BlkBackend):
+        inline_io = False  # every request passes through _execute, which observes it
+
         async def _execute(self, reqs, mapper, pool, feats):
             if misbehave == "bad-rsp-prod":
                 # Instead of answering, publish an rsp_prod 1000 past the requests.

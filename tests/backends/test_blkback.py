@@ -341,6 +341,7 @@ async def test_short_pwritev_is_completed_before_okay(daemon, monkeypatch):
         calls.append(offset)
         return real(fd, out, offset)
 
+    monkeypatch.setattr(blkback.BlkBackend, "inline_io", False)  # the worker-thread path
     monkeypatch.setattr(blkback.os, "pwritev", short_pwritev)
     async with open_session(daemon.config.socket, "g") as s:
         front, _ = await attach_blk(s)
@@ -359,6 +360,7 @@ def inject_pwritev_error(monkeypatch) -> dict:
             raise OSError(errno.ENOSPC, "injected ENOSPC")
         return real(fd, buffers, offset)
 
+    monkeypatch.setattr(blkback.BlkBackend, "inline_io", False)  # the worker-thread path
     monkeypatch.setattr(blkback.os, "pwritev", pwritev)
     return fail
 

@@ -229,6 +229,7 @@ async def test_io_errors_are_plain_blk_device_errors(daemon, front, monkeypatch)
     def failing(*args):
         raise OSError(5, "injected EIO")
 
+    monkeypatch.setattr(blkback.BlkBackend, "inline_io", False)  # the worker-thread path
     monkeypatch.setattr(blkback.os, "preadv", failing)
     monkeypatch.setattr(blkback.os, "pwritev", failing)
     with pytest.raises(BlkDeviceError):
@@ -250,6 +251,7 @@ async def test_backend_error_does_not_disable_the_device(daemon, front, monkeypa
         return real(fd, buffers, offset)
 
     await front.write(0, b"data")
+    monkeypatch.setattr(blkback.BlkBackend, "inline_io", False)  # the worker-thread path
     monkeypatch.setattr(blkback.os, "preadv", preadv)
     with blk_error("backend status -1"):
         await front.read(0, 4)

@@ -33,6 +33,7 @@ async def test_cancelled_request_keeps_its_slot_until_the_backend_answers(monkey
         return real_io(self, plans)
 
     monkeypatch.setattr(BlkBackend, "_io", slow_io)
+    monkeypatch.setattr(BlkBackend, "inline_io", False)  # the worker-thread path
     async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as session:
         front = BlkFront(session)
         device = await session.attach(front, 1, BLK_KEYS)

@@ -103,6 +103,8 @@ class TrustingRings(PvioRings):
 
 
 class WrongIdBlkBackend(BlkBackend):
+    inline_io = False  # every request through _execute
+
     async def _execute(self, reqs, mapper, pool, feats):
         results = await super()._execute(reqs, mapper, pool, feats)
         return [((rid + 1) & ((1 << 64) - 1), op, status) for rid, op, status in results]
