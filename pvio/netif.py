@@ -23,11 +23,14 @@ the vif must be disconnected, as Linux netback does.
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pvio import _cgen, layouts
 from pvio.layouts import XEN_PAGE_SIZE, NetifExtraType, NetifRsp, NetRxFlag, NetTxFlag
+from pvio.ring._lib import ffi, lib
+from pvio.ring.errors import GrantError
 
 TX_REQ = struct.Struct(_cgen.struct_format(layouts.netif_tx_request))  # gref offset flags id size
 TX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_tx_response))  # id status
@@ -168,6 +171,130 @@ def assemble(slots: memoryview, *, max_slots: int = MAX_SLOTS,
             packet.responses = responses
             out.append(packet)
     return out
+
+
+# ------------------------------------------------- the C fast path (cnet.c)
+
+TXP_N = lib.PVIO_NET_TXP_N  # u32 per packet in a TxScratch's pinfo
+_TXP_REASON, _TXP_ARG0, _TXP_ARG1, _TXP_SIZE = (lib.PVIO_NET_TXP_REASON, lib.PVIO_NET_TXP_ARG0,
+                                                lib.PVIO_NET_TXP_ARG1, lib.PVIO_NET_TXP_SIZE)
+_FATAL = {lib.PVIO_NET_TX_FATAL_EXTRA: "extra-info chain runs past the published requests",
+          lib.PVIO_NET_TX_FATAL_MORE: "more_data chain runs past the published requests"}
+
+
+def tx_reason(code: int, arg0: int, arg1: int) -> str:
+    """The message of a refused TX packet, from the C assembler's reason code
+    (the same words :func:`assemble` uses)."""
+    if code == lib.PVIO_NET_TX_BAD_GSO_TYPE:
+        return f"bad GSO type {arg0}"
+    if code == lib.PVIO_NET_TX_GSO_NOT_NEGOTIATED:
+        return f"GSO type {arg0} not negotiated"
+    if code == lib.PVIO_NET_TX_GSO_SIZE0:
+        return "GSO size 0"
+    if code == lib.PVIO_NET_TX_UNKNOWN_EXTRA:
+        return f"unknown extra type {arg0}"
+    if code == lib.PVIO_NET_TX_TOO_MANY_SLOTS:
+        return f"more than {arg0} slots"
+    if code == lib.PVIO_NET_TX_FIRST_TOO_SMALL:
+        return f"first slot says {arg0} bytes, the other fragments hold {arg1}"
+    if code == lib.PVIO_NET_TX_CROSSES_PAGE:
+        return f"fragment {arg0}+{arg1} crosses its page"
+    if code == lib.PVIO_NET_TX_TOO_BIG:
+        return f"packet of {arg0} bytes"
+    if code == lib.PVIO_NET_TX_RUNT:
+        return f"packet of {arg0} bytes is shorter than an Ethernet header"
+    if code == lib.PVIO_NET_TX_GRANT:
+        return str(GrantError(arg0 - (1 << 32) if arg0 >= 1 << 31 else arg0, arg1))
+    return f"refused (reason {code})"
+
+
+def gso_mask(accept_gso: tuple[int, ...]) -> int:
+    mask = 0
+    for t in accept_gso:
+        mask |= 1 << t
+    return mask
+
+
+class TxScratch:
+    """Private buffers for the C TX path of one ring of ``nr_ents`` slots (a batch
+    never holds more): per-packet info, responses, fragments, gathered data."""
+
+    def __init__(self, nr_ents: int) -> None:
+        self.nr_ents = nr_ents
+        self.pinfo = bytearray(4 * TXP_N * nr_ents)
+        self.pinfo_v = memoryview(self.pinfo).cast("I")
+        self.rsp = bytearray(TX_RSP.size * nr_ents)
+        self.rsp_v = memoryview(self.rsp)
+        self.frags = bytearray(12 * nr_ents)
+        self.summary = bytearray(4 * lib.PVIO_NET_TXS_N)
+        self.summary_v = memoryview(self.summary).cast("I")
+        self.data = bytearray(XEN_PAGE_SIZE * nr_ents)
+        self.data_v = memoryview(self.data)
+        self.runs = bytearray(4 * nr_ents)
+        self.runs_v = memoryview(self.runs).cast("I")
+        self.nruns = ffi.new("uint32_t *")
+        self.p_pinfo = ffi.from_buffer("uint32_t[]", self.pinfo)
+        self.p_rsp = ffi.from_buffer("uint8_t[]", self.rsp)
+        self.p_frags = ffi.from_buffer("uint32_t[]", self.frags)
+        self.p_summary = ffi.from_buffer("uint32_t[]", self.summary)
+        self.p_data = ffi.from_buffer("uint8_t[]", self.data)
+        self.p_runs = ffi.from_buffer("uint32_t[]", self.runs)
+
+    def assemble(self, slots, *, max_slots: int = MAX_SLOTS, gso: int = 0,
+                 min_len: int = ETH_HLEN) -> int:
+        """:func:`pvio.netif.assemble` in C (no data copied): returns the number of
+        packets, whose info is in ``pinfo_v`` and responses in ``rsp``."""
+        n = len(slots) // TX_REQ_SIZE
+        if n > self.nr_ents:
+            raise ValueError(f"{n} slots for a scratch of {self.nr_ents}")
+        npk = lib.pvio_net_tx_assemble(ffi.from_buffer("uint8_t[]", slots), n, max_slots, gso,
+                                       min_len, self.p_pinfo, self.p_rsp, self.p_frags,
+                                       self.p_summary)
+        if npk < 0:
+            raise NetifFatal(_FATAL[npk])
+        return npk
+
+    def batch(self, gnt, slots, *, max_slots: int = MAX_SLOTS, gso: int = 0,
+              min_len: int = ETH_HLEN) -> int:
+        """Assemble and grant-copy a batch (``pvio_net_tx_batch``); ``gnt`` is a
+        ``pvio_net_gnt *``. Returns the number of packets."""
+        n = len(slots) // TX_REQ_SIZE
+        if n > self.nr_ents:
+            raise ValueError(f"{n} slots for a scratch of {self.nr_ents}")
+        npk = lib.pvio_net_tx_batch(gnt, ffi.from_buffer("uint8_t[]", slots), n, max_slots,
+                                    gso, min_len, self.p_pinfo, self.p_rsp, self.p_frags,
+                                    self.p_summary, self.p_data, len(self.data), self.p_runs,
+                                    self.nruns)
+        if npk < 0:
+            raise NetifFatal(_FATAL[npk])
+        return npk
+
+    def results(self, npk: int) -> list[TxPacket | TxDrop]:
+        """The packets of the last :meth:`assemble` as :func:`assemble` returns them
+        (multicast extras are validated, not collected: netback floods)."""
+        out: list[TxPacket | TxDrop] = []
+        pv = self.pinfo_v
+        fv = memoryview(self.frags).cast("I")
+        for j in range(npk):
+            (reason, a0, a1, size, _off, flags, gso_type, gso_size, frag0, nfrags, slot0,
+             nslots) = pv[j * TXP_N:(j + 1) * TXP_N].tolist()
+            responses = [TX_RSP.unpack_from(self.rsp, 4 * s) for s in range(slot0, slot0 + nslots)]
+            if reason:
+                out.append(TxDrop(tx_reason(reason, a0, a1), responses))
+                continue
+            frags = [TxFragment(*fv[3 * k:3 * k + 3].tolist())
+                     for k in range(frag0, frag0 + nfrags)]
+            out.append(TxPacket(frags, size, csum_blank=bool(flags & TXF_CSUM_BLANK),
+                                data_validated=bool(flags & TXF_DATA_VALIDATED),
+                                gso_type=gso_type, gso_size=gso_size, responses=responses))
+        return out
+
+
+def assemble_c(slots, *, max_slots: int = MAX_SLOTS,
+               accept_gso: tuple[int, ...] = ()) -> list[TxPacket | TxDrop]:
+    """:func:`assemble` through the C fast path (what netback runs), for tests."""
+    scratch = TxScratch(max(1, len(slots) // TX_REQ_SIZE))
+    return scratch.results(scratch.assemble(slots, max_slots=max_slots, gso=gso_mask(accept_gso)))
 
 
 def pack_tx_responses(results: list[TxPacket | TxDrop], out: bytearray) -> memoryview:
@@ -330,3 +457,83 @@ def parse_rx_responses(raw: memoryview, first_slot: int, *, gso_ok: bool
 
 
 MAX_RX_SLOTS = -(-0x10000 // XEN_PAGE_SIZE) + 2  # a 64 KiB packet, plus GSO extra
+
+
+RXP_N = lib.PVIO_NETFRONT_RXP_N  # u32 per packet in an RxScratch's pkts
+_U32 = 0xFFFFFFFF
+
+
+class RxScratch:
+    """Private buffers for netfront's C RX path over a ring of ``nr_ents`` slots
+    (a batch of responses never holds more, plus a carried partial chain)."""
+
+    def __init__(self, nr_ents: int) -> None:
+        cap = 2 * nr_ents
+        self.cap = cap
+        self.pkts = bytearray(4 * RXP_N * cap)
+        self.pkts_v = memoryview(self.pkts).cast("I")
+        self.chunks = bytearray(16 * cap)
+        self.data = bytearray(XEN_PAGE_SIZE * cap)
+        self.data_v = memoryview(self.data)
+        self.err = array("I", bytes(4 * 5))
+        self.used = ffi.new("uint32_t *")
+        self.posts = bytearray(RX_REQ.size * cap)
+        self.p_pkts = ffi.from_buffer("uint32_t[]", self.pkts)
+        self.p_chunks = ffi.from_buffer("uint32_t[]", self.chunks)
+        self.p_data = ffi.from_buffer("uint8_t[]", self.data)
+        self.p_err = ffi.from_buffer("uint32_t[]", self.err)
+        self.p_posts = ffi.from_buffer("uint8_t[]", self.posts)
+
+    def parse(self, raw, first_slot: int, *, gso_ok: bool, nr_ents: int = 0,
+              pages=ffi.NULL) -> tuple[int, int]:
+        """``pvio_netfront_rx_parse``: returns (packets, slots used); raises
+        :class:`RxProtocolError` as :func:`parse_rx_responses` does (and, with
+        ``nr_ents``, for a response whose id is not its slot's)."""
+        n = len(raw) // RX_RSP.size
+        if n > self.cap:
+            raise ValueError(f"{n} responses for a scratch of {self.cap}")
+        npk = lib.pvio_netfront_rx_parse(ffi.from_buffer("uint8_t[]", raw), n,
+                                         first_slot & _U32, nr_ents, int(gso_ok), pages,
+                                         self.p_data, len(self.data), self.p_pkts,
+                                         self.p_chunks, self.used, self.p_err)
+        if npk < 0:
+            raise RxProtocolError(self._error(first_slot))
+        return npk, self.used[0]
+
+    def _error(self, first: int) -> str:
+        code, slot, a, b, c = self.err.tolist()
+        slot = first + ((slot - first) & _U32)
+        if code == lib.PVIO_NETFRONT_RX_LEAVES_PAGE:
+            return f"rx response {slot}: {a}+{b} leaves its page"
+        if code == lib.PVIO_NETFRONT_RX_BAD_EXTRA:
+            return f"rx response {slot}: bad extra (type {a}, gso {b}/{c})"
+        if code == lib.PVIO_NETFRONT_RX_TOO_LONG:
+            return f"rx packet at slot {slot} spans more than {a} slots"
+        if code == lib.PVIO_NETFRONT_RX_BAD_ID:
+            return f"rx response in slot {slot} has id {a}, expected {b}"
+        return "rx responses do not fit netfront's buffer"
+
+    def packets(self, npk: int, first_slot: int) -> list[RxPacket]:
+        """The packets of the last :meth:`parse` as :func:`parse_rx_responses` gives them."""
+        cv = memoryview(self.chunks).cast("I")
+        out = []
+        for j in range(npk):
+            (_off, _len, flags, gso_type, gso_size, error, slots, ch0,
+             nch) = self.pkts_v[j * RXP_N:(j + 1) * RXP_N].tolist()
+            chunks = []
+            for k in range(ch0, ch0 + nch):
+                slot, offset, length, rid = cv[4 * k:4 * k + 4].tolist()
+                chunks.append(RxChunk(first_slot + ((slot - first_slot) & _U32), offset,
+                                      length, rid))
+            offload = Offload(bool(flags & 1), bool(flags & 2), gso_type, gso_size)
+            error = error - (1 << 32) if error >= 1 << 31 else error
+            out.append(RxPacket(chunks, offload, error, slots))
+        return out
+
+
+def parse_rx_responses_c(raw, first_slot: int, *, gso_ok: bool
+                         ) -> tuple[list[RxPacket], int]:
+    """:func:`parse_rx_responses` through the C fast path (what netfront runs), for tests."""
+    scratch = RxScratch(max(1, len(raw) // RX_RSP.size))
+    npk, used = scratch.parse(raw, first_slot, gso_ok=gso_ok)
+    return scratch.packets(npk, first_slot), used

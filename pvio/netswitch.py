@@ -60,6 +60,28 @@ class Port:
             self.on_ready()
         return True
 
+    def enqueue_many(self, frames: list[Frame], nbytes: int) -> int:
+        """Queue ``frames`` (``nbytes`` in all) as :meth:`enqueue` would, one by one;
+        returns how many were queued (the rest are dropped: the queue is full)."""
+        queue = self.queue
+        room = self.capacity - len(queue)
+        if room < len(frames):
+            self.stats.dropped += len(frames) - max(room, 0)
+            frames = frames[:max(room, 0)]
+            nbytes = sum(len(f.data) for f in frames)
+        if not frames:
+            return 0
+        was_empty = not queue
+        queue.extend(frames)
+        self.stats.tx_frames += len(frames)
+        self.stats.tx_bytes += nbytes
+        for frame in frames if self.taps else ():
+            for tap in self.taps:
+                tap("out", frame)
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
+        return len(frames)
+
     def take(self, max_frames: int) -> list[Frame]:
         out = []
         while self.queue and len(out) < max_frames:
@@ -128,6 +150,30 @@ class Switch:
         else:
             targets = [p for p in self.ports.values() if p is not ingress]
         return [p for p in targets if p.enqueue(frame)]
+
+    def forward_run(self, ingress: Port, frames: list[Frame], nbytes: int) -> None:
+        """Switch a run of frames from ``ingress`` that share their destination and
+        source MAC (netback's C TX path finds the runs of a batch): one learning
+        and one forwarding decision for the run, one queueing per target port.
+        Each frame must be at least an Ethernet header long (``nbytes``: their
+        total length). The same effect as :meth:`forward` on each frame in turn."""
+        ingress.stats.rx_frames += len(frames)
+        ingress.stats.rx_bytes += nbytes
+        for frame in frames if ingress.taps else ():
+            for tap in ingress.taps:
+                tap("in", frame)
+        data = frames[0].data
+        dst, src = data[:6], data[6:12]
+        if not src[0] & 1:  # never learn a multicast source
+            self._fdb[bytes(src)] = (ingress, self.clock())
+        target = None if dst[0] & 1 else self.lookup(bytes(dst))
+        if target is not None:
+            if target is not ingress:
+                target.enqueue_many(frames, nbytes)
+        else:
+            for port in list(self.ports.values()):
+                if port is not ingress:
+                    port.enqueue_many(frames, nbytes)
 
     def begin_batch(self) -> None:
         """Frames forwarded until :meth:`end_batch` are delivered per port at the end."""

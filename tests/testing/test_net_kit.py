@@ -64,15 +64,7 @@ async def test_a_netback_that_accepts_runts_fails_tx_validation():
     class TrustingNetBackend(NetBackend):
         """Forgets the minimum packet size (an Ethernet header)."""
 
-        def _tx(self, queue, mapper):
-            from pvio import netif
-
-            original = netif.ETH_HLEN
-            netif.ETH_HLEN = 0
-            try:
-                return super()._tx(queue, mapper)
-            finally:
-                netif.ETH_HLEN = original
+        min_tx_frame = 0
 
     async with running_daemon(TWO_VIFS, backend_classes={"vif": TrustingNetBackend}) as d:
         report = await check_net_backend(BackendTarget(d.config.socket),
