@@ -31,31 +31,31 @@ impossible ring index puts the device in an error state (every waiter gets
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate, islice, repeat
+from operator import itemgetter
 
 import trio
 
 from pvio.layouts import XEN_PAGE_SIZE
 from pvio.netif import (
     NO_OFFLOAD,
-    RSP_NULL,
-    RSP_OKAY,
     RX_REQ,
     RX_RSP,
+    RXP_N,
     TX_REQ,
     TX_RSP,
     TXF_CSUM_BLANK,
     TXF_DATA_VALIDATED,
-    TXF_EXTRA_INFO,
-    TXF_MORE_DATA,
     Frame,
     Offload,
     RxProtocolError,
-    pack_extra_gso,
-    parse_rx_responses,
+    RxScratch,
 )
 from pvio.ring import NETIF_RX, NETIF_TX, FrontRing, RingBrokenError, wait_for_work
+from pvio.ring._lib import ffi, lib
 from pvio.xenbus.ringdev import DOM0, VIF, RingFrontendDriver
 
 log = logging.getLogger("pvio.netfront")
@@ -69,6 +69,55 @@ class NetDeviceError(OSError):
     """The device is unusable: the backend broke the protocol, or it is gone."""
 
 
+_first = itemgetter(0)
+_second = itemgetter(1)
+_tuple_new = tuple.__new__  # Frame(data, offload) without NamedTuple's Python-level __new__
+_RX_OFFLOADS: dict[tuple[int, int, int], Offload] = {}
+
+
+def _rx_offload(flags: int, gso_type: int, gso_size: int) -> Offload:
+    key = (flags, gso_type, gso_size)
+    off = _RX_OFFLOADS.get(key)
+    if off is None:
+        off = Offload(bool(flags & 1), bool(flags & 2), gso_type, gso_size)
+        if len(_RX_OFFLOADS) < 4096:  # bounded: the values come from the backend
+            _RX_OFFLOADS[key] = off
+    return off
+
+
+class _TxState:
+    """A queue's TX ids, in-flight set and granted pages, kept in C
+    (``pvio_netfront_tx``): one call puts a batch of frames on the ring, one
+    accounts a batch of responses."""
+
+    def __init__(self, nr: int, pages: memoryview, refs: list[int]) -> None:
+        self.nr = nr
+        self._free = ffi.new("uint16_t[]", nr)
+        self._flight = ffi.new("uint8_t[]", nr)
+        self._refs = ffi.new("uint32_t[]", refs)
+        self._pages = ffi.from_buffer("uint8_t[]", pages, require_writable=True)
+        self.c = ffi.new("pvio_netfront_tx *")
+        lib.pvio_netfront_tx_init(self.c, nr, self._free, self._flight, self._pages, self._refs)
+        self.req = bytearray(TX_REQ.size * nr)
+        self.req_v = memoryview(self.req)
+        self.p_req = ffi.from_buffer("uint8_t[]", self.req)
+        self.nreq = ffi.new("uint32_t *")
+        self.nbytes = ffi.new("uint64_t *")
+        self.errors = ffi.new("uint32_t *")
+        self.bad_id = ffi.new("uint32_t *")
+
+    def release(self) -> None:
+        ffi.release(self._pages)
+
+    @property
+    def free(self) -> int:
+        return self.c.nfree
+
+    @property
+    def in_flight(self) -> set[int]:
+        return {i for i, busy in enumerate(ffi.unpack(self._flight, self.nr)) if busy}
+
+
 @dataclass(eq=False)
 class _Queue:
     index: int
@@ -79,13 +128,20 @@ class _Queue:
     rx_pages: list[memoryview]
     rx_refs: list[int]
     channels: tuple
-    free_ids: list[int] = field(default_factory=list)
-    in_flight: set[int] = field(default_factory=set)
+    txc: _TxState
+    rxs: RxScratch
+    rx_pages_ptr: object  # the RX pages, contiguous (page j for ring slot j % nr_ents)
+    rx_refs_c: object
     backlog: deque = field(default_factory=deque)
     idle: bool = False  # the queue's task sleeps: a new frame must wake it
     carry: bytes = b""  # rx responses of a packet not wholly published yet
     carry_start: int = 0
     space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    @property
+    def in_flight(self) -> set[int]:
+        """TX ids the backend has not answered yet."""
+        return self.txc.in_flight
 
 
 class _Work:
@@ -96,7 +152,7 @@ class _Work:
         q = self.queue
         work = 0
         if self.tx:
-            if q.backlog and q.free_ids and q.tx.free_requests:
+            if q.backlog and q.txc.free and q.tx.free_requests:
                 return 1
             if q.backlog:  # blocked on ids or slots: ask to be woken by completions
                 work += q.tx.final_check_for_responses()
@@ -131,6 +187,7 @@ class NetFront(RingFrontendDriver):
         self.stats = NetFrontStats()
         self._q: list[_Queue] = []
         self._buffers: list[tuple[int, list[int]]] = []  # (frame, refs) to free
+        self._wholes: list[memoryview] = []
         self._rx_frames: deque[Frame] = deque()
         self._rx_full = False
         self._rx_lot = trio.lowlevel.ParkingLot()
@@ -156,23 +213,29 @@ class NetFront(RingFrontendDriver):
         self.mtu = int(mtu) if mtu and mtu.isdigit() and 68 <= int(mtu) <= 65535 else 1500
         await super().publish(xs, path)
 
-    def _grant_pages(self, count: int, readonly: bool) -> tuple[list[memoryview], list[int]]:
+    def _grant_pages(self, count: int, readonly: bool
+                     ) -> tuple[list[memoryview], list[int], memoryview]:
         first = self.session.pool.alloc(count)
         refs = [self.session.gnttab.grant_access(DOM0, first + i, readonly=readonly)
                 for i in range(count)]
         self._buffers.append((first, refs))
-        return [self.session.pool.shm.page(first + i) for i in range(count)], refs
+        whole = self.session.pool.shm.page(first, count)  # the pool hands out contiguous runs
+        return [whole[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE] for i in range(count)], refs, \
+            whole
 
     def setup(self) -> None:
         self._q = []
         for q, fq in enumerate(self.queues):
             tx = FrontRing.init(NETIF_TX, self.area(0, q))
             rx = FrontRing.init(NETIF_RX, self.area(1, q))
-            tx_pages, tx_refs = self._grant_pages(tx.nr_ents, readonly=True)
-            rx_pages, rx_refs = self._grant_pages(rx.nr_ents, readonly=False)
+            tx_pages, tx_refs, tx_whole = self._grant_pages(tx.nr_ents, readonly=True)
+            rx_pages, rx_refs, rx_whole = self._grant_pages(rx.nr_ents, readonly=False)
             queue = _Queue(q, tx, rx, tx_pages, tx_refs, rx_pages, rx_refs,
-                           (fq.channel, fq.rx_channel))
-            queue.free_ids = list(range(tx.nr_ents - 1, -1, -1))
+                           (fq.channel, fq.rx_channel), _TxState(tx.nr_ents, tx_whole, tx_refs),
+                           RxScratch(rx.nr_ents),
+                           ffi.from_buffer("uint8_t[]", rx_whole, require_writable=True),
+                           ffi.new("uint32_t[]", rx_refs))
+            self._wholes.extend((tx_whole, rx_whole))
             # Every RX slot holds a request for its own page: slot j <-> page j % N.
             posts = bytearray(rx.nr_ents * RX_REQ.size)
             for i, ref in enumerate(rx_refs):
@@ -210,8 +273,13 @@ class NetFront(RingFrontendDriver):
         for queue in self._q:
             queue.tx.release()
             queue.rx.release()
+            queue.txc.release()
+            ffi.release(queue.rx_pages_ptr)
             for view in queue.tx_pages + queue.rx_pages:
                 view.release()
+        for view in self._wholes:
+            view.release()
+        self._wholes = []
         for first, refs in self._buffers:
             if all([self.session.gnttab.end_access(r) for r in refs]):
                 self.session.pool.free(first, len(refs))
@@ -239,28 +307,45 @@ class NetFront(RingFrontendDriver):
         await self.send_many([frame if isinstance(frame, Frame) else Frame(bytes(frame), offload)])
 
     async def send_many(self, frames: list[Frame | bytes]) -> None:
-        """Queue several frames (one wake-up of the ring task for all of them)."""
+        """Queue several frames (one wake-up of the ring task for all of them).
+        They are all checked first: a bad one raises ValueError, nothing queued."""
         self._check()
+        frames = [f if isinstance(f, Frame) else Frame(bytes(f)) for f in frames]
+        if not frames:
+            await trio.lowlevel.checkpoint()
+            return
+        lens = list(map(len, map(_first, frames)))
+        if min(lens) < 14 or max(lens) > 0xFFFF:
+            bad = next(n for n in lens if not 14 <= n <= 0xFFFF)
+            raise ValueError(f"a frame must be 14..65535 bytes, not {bad}")
+        offloads = list(map(_second, frames))
+        if offloads.count(NO_OFFLOAD) != len(offloads) and not self._gso_ok and \
+                any(off.gso_type for off in offloads):
+            raise ValueError("GSO frames need NetFront(offloads=True)")
         n = len(self._q)
-        woken = set()
-        for frame in frames:
-            if not isinstance(frame, Frame):
-                frame = Frame(bytes(frame))
-            if not 14 <= len(frame.data) <= 0xFFFF:
-                raise ValueError(f"a frame must be 14..65535 bytes, not {len(frame.data)}")
-            if frame.offload.gso_type and not self._gso_ok:
-                raise ValueError("GSO frames need NetFront(offloads=True)")
-            queue = self._q[0 if n == 1 else hash(bytes(frame.data[26:38])) % n]
-            if len(queue.backlog) >= self.tx_backlog:
-                self._push_tx(queue)
-            while len(queue.backlog) >= self.tx_backlog:
-                await queue.space.park()
-                self._check()
-            queue.backlog.append(frame)
-            woken.add(queue)
-        for queue in woken:
-            self._push_tx(queue)
+        if n == 1:
+            await self._queue_frames(self._q[0], frames)
+        else:
+            by_queue: dict[int, list[Frame]] = {}
+            for frame in frames:
+                by_queue.setdefault(hash(bytes(frame.data[26:38])) % n, []).append(frame)
+            for q, some in by_queue.items():
+                await self._queue_frames(self._q[q], some)
         await trio.lowlevel.checkpoint()
+
+    async def _queue_frames(self, queue: _Queue, frames: list[Frame]) -> None:
+        pos = 0
+        while pos < len(frames):
+            room = self.tx_backlog - len(queue.backlog)
+            if room <= 0:
+                self._push_tx(queue)
+                while len(queue.backlog) >= self.tx_backlog:
+                    await queue.space.park()
+                    self._check()
+                continue
+            queue.backlog.extend(islice(frames, pos, pos + room))
+            pos += room
+        self._push_tx(queue)
 
     def _push_tx(self, queue: _Queue) -> None:
         """Put the backlog on the ring now, in the caller's task (no wake-up of our
@@ -349,61 +434,58 @@ class NetFront(RingFrontendDriver):
     def _tx_responses(self, queue: _Queue) -> int:
         raw = queue.tx.take_responses()
         n = len(raw) // TX_RSP.size
-        for k in range(n):
-            rid, status = TX_RSP.unpack_from(raw, k * TX_RSP.size)
-            if status == RSP_NULL:
-                continue
-            if rid not in queue.in_flight:
-                raise NetDeviceError(f"tx response for id {rid}, which is not in flight")
-            queue.in_flight.discard(rid)
-            queue.free_ids.append(rid)
-            if status != RSP_OKAY:
-                self.stats.tx_errors += 1
+        if not n:
+            return 0
+        txc = queue.txc
+        freed = lib.pvio_netfront_tx_done(txc.c, ffi.from_buffer("uint8_t[]", raw), n,
+                                          txc.errors, txc.bad_id)
+        self.stats.tx_errors += txc.errors[0]
+        if freed < 0:
+            raise NetDeviceError(f"tx response for id {txc.bad_id[0]}, which is not in flight")
         return n
 
     def _tx_send(self, queue: _Queue) -> int:
+        """Put as much of the backlog on the ring as ids and slots allow (pages
+        filled and requests written in one C call)."""
         backlog = queue.backlog
-        sent = 0
-        out = bytearray()
+        txc = queue.txc
+        if not backlog or not txc.free:
+            return 0
         free_slots = queue.tx.free_requests
-        while backlog:
-            frame = backlog[0]
-            data, off = frame.data, frame.offload
-            chunks = -(-len(data) // XEN_PAGE_SIZE)
-            slots = chunks + (1 if off.gso_type else 0)
-            if chunks > len(queue.free_ids) or slots > free_slots:
-                break
-            backlog.popleft()
-            free_slots -= slots
-            flags = 0
-            if off.csum_blank:
-                flags |= TXF_CSUM_BLANK | TXF_DATA_VALIDATED
-            elif off.data_validated:
-                flags |= TXF_DATA_VALIDATED
-            for c in range(chunks):
-                rid = queue.free_ids.pop()
-                queue.in_flight.add(rid)
-                piece = data[c * XEN_PAGE_SIZE:(c + 1) * XEN_PAGE_SIZE]
-                queue.tx_pages[rid][:len(piece)] = piece
-                f = flags if c == 0 else 0
-                if c < chunks - 1:
-                    f |= TXF_MORE_DATA
-                if c == 0 and off.gso_type:
-                    f |= TXF_EXTRA_INFO
-                out += TX_REQ.pack(queue.tx_refs[rid], 0, f, rid,
-                                   len(data) if c == 0 else len(piece))
-                if c == 0 and off.gso_type:
-                    extra = bytearray(TX_REQ.size)
-                    pack_extra_gso(extra, 0, off.gso_type, off.gso_size)
-                    out += extra
-            self.stats.tx_packets += 1
-            self.stats.tx_bytes += len(data)
-            sent += 1
-        if sent:
-            _, notify = queue.tx.produce(out)
-            if notify:
-                queue.channels[0].notify()
-            queue.space.unpark_all()
+        k = min(len(backlog), free_slots)
+        if not k:
+            return 0
+        batch = list(backlog) if k == len(backlog) else list(islice(backlog, k))
+        datas = list(map(_first, batch))
+        offloads = list(map(_second, batch))
+        if offloads.count(NO_OFFLOAD) == k:
+            meta = ffi.NULL
+        else:
+            words = array("I")
+            for off in offloads:
+                flags = (TXF_CSUM_BLANK | TXF_DATA_VALIDATED if off.csum_blank
+                         else TXF_DATA_VALIDATED if off.data_validated else 0)
+                words.append(flags | off.gso_type << 16)
+                words.append(off.gso_size if off.gso_type else 0)
+            meta = ffi.from_buffer("uint32_t[]", words)
+        joined = b"".join(datas)
+        lens = array("I", map(len, datas))
+        sent = lib.pvio_netfront_tx_put(txc.c, ffi.from_buffer("uint8_t[]", joined),
+                                        ffi.from_buffer("uint32_t[]", lens), meta, k, free_slots,
+                                        txc.p_req, txc.nreq, txc.nbytes)
+        if not sent:
+            return 0
+        if sent == len(backlog):
+            backlog.clear()
+        else:
+            for _ in range(sent):
+                backlog.popleft()
+        self.stats.tx_packets += sent
+        self.stats.tx_bytes += txc.nbytes[0]
+        _, notify = queue.tx.produce(txc.req_v[:txc.nreq[0] * TX_REQ.size])
+        if notify:
+            queue.channels[0].notify()
+        queue.space.unpark_all()
         return sent
 
     def _rx(self, queue: _Queue) -> int:
@@ -417,41 +499,55 @@ class NetFront(RingFrontendDriver):
             raw = queue.carry + bytes(raw)
         start = queue.carry_start if queue.carry else ring.rsp_cons - len(raw) // RX_RSP.size
         n_ents = ring.nr_ents
-        packets, used = parse_rx_responses(raw, start, gso_ok=self._gso_ok)
+        sc = queue.rxs
+        # parsed, checked (ids by slot, offsets in the page, extras) and copied
+        # out of the RX pages in one C call
+        npk, used = sc.parse(raw, start, gso_ok=self._gso_ok, nr_ents=n_ents,
+                             pages=queue.rx_pages_ptr)
         queue.carry = bytes(raw[used * RX_RSP.size:])
         queue.carry_start = start + used
-        for packet in packets:  # fragments sit in their requests' slots, with their ids
-            for c in packet.chunks:
-                if c.id != c.slot % n_ents:
-                    raise RxProtocolError(f"rx response in slot {c.slot} has id {c.id}, "
-                                          f"expected {c.slot % n_ents}")
-        for packet in packets:
-            if packet.error:
-                self.stats.rx_errors += 1
-                continue
-            pages = queue.rx_pages
-            if len(packet.chunks) == 1:
-                c = packet.chunks[0]
-                data = bytes(pages[c.slot % n_ents][c.offset:c.offset + c.length])
-            else:
-                data = b"".join(bytes(pages[c.slot % n_ents][c.offset:c.offset + c.length])
-                                for c in packet.chunks)
-            self.stats.rx_packets += 1
-            self.stats.rx_bytes += len(data)
-            self._rx_frames.append(Frame(data, packet.offload))
-        if packets:
-            self._rx_lot.unpark_all()
-        # Re-post every consumed slot for its own page.
-        posts = bytearray(used * RX_REQ.size)
-        for k in range(used):
-            i = (start + k) % n_ents
-            RX_REQ.pack_into(posts, k * RX_REQ.size, i, 0, queue.rx_refs[i])
-        ring.put_requests(posts)
-        if ring.push_requests():
-            queue.channels[1].notify()
+        if npk:
+            self._rx_deliver(sc, npk)
+        if used:  # re-post every consumed slot for its own page
+            lib.pvio_netfront_rx_posts(start & 0xFFFFFFFF, used, n_ents, queue.rx_refs_c,
+                                       sc.p_posts)
+            ring.put_requests(memoryview(sc.posts)[:used * RX_REQ.size])
+            if ring.push_requests():
+                queue.channels[1].notify()
         if len(self._rx_frames) >= self.rx_backlog:
             self._rx_full = True
-        return len(packets)
+        return npk
+
+    def _rx_deliver(self, sc: RxScratch, npk: int) -> None:
+        pv = sc.pkts_v
+        lens = pv[1:npk * RXP_N:RXP_N].tolist()
+        flags = pv[2:npk * RXP_N:RXP_N].tolist()
+        gso = pv[3:npk * RXP_N:RXP_N].tolist()
+        errors = pv[5:npk * RXP_N:RXP_N].tolist()
+        if flags.count(0) == npk and gso.count(0) == npk and errors.count(0) == npk:
+            ends = list(accumulate(lens))
+            whole = bytes(sc.data_v[:ends[-1]])
+            datas = list(map(whole.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+            frames = list(map(_tuple_new, repeat(Frame), zip(datas, repeat(NO_OFFLOAD))))
+            nbytes = ends[-1]
+        else:
+            frames = []
+            nbytes = 0
+            view = sc.data_v
+            for j in range(npk):
+                if errors[j]:
+                    self.stats.rx_errors += 1
+                    continue
+                off = pv[j * RXP_N]
+                offload = (NO_OFFLOAD if not flags[j] and not gso[j] else
+                           _rx_offload(flags[j], gso[j], pv[j * RXP_N + 4]))
+                frames.append(_tuple_new(Frame, (bytes(view[off:off + lens[j]]), offload)))
+                nbytes += lens[j]
+        if frames:
+            self.stats.rx_packets += len(frames)
+            self.stats.rx_bytes += nbytes
+            self._rx_frames.extend(frames)
+            self._rx_lot.unpark_all()
 
 
 async def open_netfront(session, devid: int = 0, *, timeout: float = 10.0,
