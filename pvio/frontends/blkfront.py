@@ -40,6 +40,7 @@ log = logging.getLogger("pvio.blkfront")
 _REQ = struct.Struct("<BBH4xQQ")
 _DISCARD = struct.Struct("<BBH4xQQQ")
 _INDIRECT = struct.Struct("<BBH4xQQHH8I4x")
+_INDIRECT_PAD = bytes(blkif.REQ_SIZE - _INDIRECT.size)
 MAX_INDIRECT_SEGMENTS = 32  # per request, when the backend allows at least this many
 #: The backend keys blkfront reads when it attaches.
 BLK_KEYS = ("sectors", "sector-size", "info", "feature-flush-cache", "feature-barrier",
@@ -57,22 +58,84 @@ def _num(raw: bytes | None, default: int = 0) -> int:
         return default
 
 
-class _Slot:
-    __slots__ = ("abandoned", "done", "frame", "id", "indirect_frame", "indirect_ref", "op",
-                 "queue", "refs", "request", "seq", "status")
+class _Waiter:
+    """One call's requests: how many are unanswered, what to do with each answer
+    (``complete(slot)``, e.g. copy a read out of the slot's pages), the first
+    failure, and the event set when the last answer is in."""
 
-    def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int]) -> None:
+    __slots__ = ("complete", "event", "failed", "pending")
+
+    def __init__(self, pending: int, complete) -> None:
+        self.event = trio.Event()
+        self.pending = pending
+        self.complete = complete
+        self.failed: tuple[object, int] | None = None  # (part, status)
+
+
+class _Slot:
+    __slots__ = ("abandoned", "frame", "id", "indirect_frame", "indirect_ref",
+                 "op", "pages", "part", "queue", "refs", "request", "seq", "waiter")
+
+    def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int],
+                 pages: memoryview) -> None:
         self.id = sid
         self.frame = frame
         self.refs = refs
+        self.pages = pages  # its data pages, granted to the backend once
         self.indirect_frame, self.indirect_ref = indirect
-        self.done = trio.Event()
-        self.op = -1
-        self.status = 0
+        self.op = -1  # -1: free; else outstanding (on the ring, or to resubmit)
+        self.waiter: _Waiter | None = None
+        self.part = None  # what the caller asked for
         self.request = b""  # the shadow: resubmitted as-is after a reconnect
         self.seq = 0
         self.queue = 0
         self.abandoned = False  # its caller was cancelled; the backend still owns it
+
+
+class PoolBuffer:
+    """A buffer in the frontend's shared pool, granted to the backend for its lifetime.
+
+    ``readinto``/``write``/``read_many``/``write_many`` given a ``PoolBuffer``
+    name its own pages in the requests (Linux blkfront's persistent grants, in
+    the other direction): the backend's ``preadv``/``pwritev`` move the data
+    straight between the image and this memory, with no copy in this process.
+    Get one from :meth:`BlkFront.buffer`; use ``view`` (a writable memoryview)
+    to fill or read it; :meth:`close` (or ``with``) returns the pages.
+    """
+
+    def __init__(self, front: BlkFront, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ValueError("a PoolBuffer needs at least one byte")
+        self._front = front
+        self.npages = -(-nbytes // XEN_PAGE_SIZE)
+        pool = front.session.pool
+        self.frame = pool.alloc(self.npages)
+        self.refs = [front.session.gnttab.grant_access(0, self.frame + i)
+                     for i in range(self.npages)]
+        self.view = pool.shm.page(self.frame, self.npages)[:nbytes]
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __enter__(self) -> PoolBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Revoke the grants and return the pages (quarantined if the backend
+        still has one pinned, as Linux does with a grant it cannot end).
+        Close it only when no request that uses it is in flight."""
+        if self.view is None:
+            return
+        self.view.release()
+        self.view = None
+        pool = self._front.session.pool
+        if all([self._front.session.gnttab.end_access(r) for r in self.refs]):
+            pool.free(self.frame, self.npages)
+        else:
+            pool.quarantine(self.frame, self.npages)
 
 
 class BlkFront(RingFrontendDriver):
@@ -133,7 +196,8 @@ class BlkFront(RingFrontendDriver):
             frame = self.session.pool.alloc(pages + 1)
             refs = [self.session.gnttab.grant_access(0, frame + i) for i in range(pages)]
             iref = self.session.gnttab.grant_access(0, frame + pages, readonly=True)
-            slot = _Slot(sid, frame, refs, (frame + pages, iref))
+            slot = _Slot(sid, frame, refs, (frame + pages, iref),
+                         self.session.pool.shm.page(frame, pages))
             slot.queue = sid % len(self.rings)
             self._slots.append(slot)
             self._free.append(slot)
@@ -160,7 +224,7 @@ class BlkFront(RingFrontendDriver):
 
     def _resubmit(self) -> None:
         """Put every request still in flight back on the (new) ring, in submission order."""
-        pending = sorted((s for s in self._slots if s.op >= 0 and not s.done.is_set()),
+        pending = sorted((s for s in self._slots if s.op >= 0),
                          key=lambda s: s.seq)
         for q, ring in enumerate(self.rings):
             mine = [s for s in pending if s.queue == q]
@@ -194,6 +258,7 @@ class BlkFront(RingFrontendDriver):
         self._stop_services()
         self._fail_all("device detached")
         for slot in self._slots:
+            slot.pages.release()
             refs = [*slot.refs, slot.indirect_ref]
             if all([self.session.gnttab.end_access(r) for r in refs]):
                 self.session.pool.free(slot.frame, self._data_pages + 1)
@@ -216,11 +281,8 @@ class BlkFront(RingFrontendDriver):
 
     def _fail_all(self, reason: str) -> None:
         for slot in self._slots:
-            if slot.op >= 0 and not slot.done.is_set():
-                slot.status = BlkifRsp.ERROR
-                slot.done.set()
-                if slot.abandoned:
-                    self._release_slot(slot)
+            if slot.op >= 0:
+                self._answer(slot, BlkifRsp.ERROR)
         if self.error is None and reason != "device detached":
             self.error = reason
 
@@ -228,8 +290,25 @@ class BlkFront(RingFrontendDriver):
         """Disable the device: pending and later calls get BlkDeviceError(reason)."""
         self._fail_all(reason)
 
+    def _answer(self, slot: _Slot, status: int) -> None:
+        """The request in ``slot`` is answered: complete it, free the slot at once
+        (a long call recycles its slots), wake the caller after the last one."""
+        waiter = slot.waiter
+        if slot.abandoned:
+            pass  # its caller is gone (cancelled): nothing to copy
+        elif status != BlkifRsp.OKAY:
+            if waiter.failed is None:
+                waiter.failed = (slot.part, status)
+        elif waiter.complete is not None:
+            waiter.complete(slot)
+        self._release_slot(slot)
+        waiter.pending -= 1
+        if not waiter.pending:
+            waiter.event.set()
+
     async def _responses(self, scope: trio.CancelScope, queue: int) -> None:
         ring, channel = self.rings[queue], self.queues[queue].channel
+        slots = self._slots
         with scope:
             while True:
                 try:
@@ -242,22 +321,17 @@ class BlkFront(RingFrontendDriver):
                     await wait_for_work(ring, channel)
                     continue
                 for rid, op, status in blkif.RSP.iter_unpack(batch):
-                    if rid >= len(self._slots) or self._slots[rid].op < 0 \
-                            or self._slots[rid].done.is_set() \
-                            or self._slots[rid].queue != queue:
+                    slot = slots[rid] if rid < len(slots) else None
+                    if slot is None or slot.op < 0 or slot.queue != queue:
                         self._fail_all(f"backend answered id {rid}, which is not outstanding")
                         log.error("vbd: %s; device disabled", self.error)
                         return
-                    slot = self._slots[rid]
                     if op != slot.op:
                         self._fail_all(f"backend answered id {rid} with operation {op}, "
                                        f"expected {slot.op}")
                         log.error("vbd: %s; device disabled", self.error)
                         return
-                    slot.status = status
-                    slot.done.set()
-                    if slot.abandoned:
-                        self._release_slot(slot)
+                    self._answer(slot, status)
 
     # ---------------------------------------------------------- submission
 
@@ -267,76 +341,104 @@ class BlkFront(RingFrontendDriver):
         if self.ring is None and not self.session.reconnect:
             raise BlkDeviceError("vbd is not connected")
 
-    async def _submit(self, build, complete=None) -> int:
-        """Take a slot, let ``build(slot)`` return (request bytes, op), wait for the
-        answer; on success ``complete(slot)`` runs before the slot is reused."""
-        self._check()
-        await self._sem.acquire()
-        slot: _Slot | None = None
+    async def _take_slots(self, want: int) -> list[_Slot]:
+        """1..want free slots: all that are free now, waiting only if none is.
+
+        A call never waits for more slots while holding some it has not
+        submitted, so concurrent callers cannot starve each other."""
+        sem = self._sem
         try:
-            if not self._online.is_set():
-                with trio.move_on_after(self.session.recovery_timeout):
-                    await self._online.wait()
-            self._check()
-            if self.ring is None:
-                raise BlkDeviceError("vbd is not connected")
-            slot = self._free.pop()
-            slot.request, op = build(slot)
-            self._seq += 1
-            slot.seq = self._seq
-            slot.done = trio.Event()
-            slot.status = 0
-            slot.op = op
-            put, notify = self.rings[slot.queue].produce(slot.request)
-            assert put == 1
-            if notify:
-                self.queues[slot.queue].channel.notify()
-                self.stats["notifications"] += 1
-            await slot.done.wait()
-            self.stats["requests"] += 1
-            if complete is not None and slot.status == BlkifRsp.OKAY:
-                complete(slot)
-            return slot.status
-        finally:
-            if slot is None:
-                self._sem.release()
-            elif slot.op < 0 or slot.done.is_set():
+            sem.acquire_nowait()
+        except trio.WouldBlock:
+            await sem.acquire()
+        n = 1
+        while n < want and sem.value:
+            sem.acquire_nowait()
+            n += 1
+        return [self._free.pop() for _ in range(n)]
+
+    async def _run(self, parts: list, build, complete=None) -> _Waiter:
+        """Submit one request per part and wait until every one is answered.
+
+        ``build(slot, part)`` returns (request bytes, op) and runs just before
+        its slot is queued; ``complete(slot)`` runs for each successful answer,
+        before the slot is reused. Requests go on the ring in waves (all the
+        free slots at once, one push and at most one notification per queue),
+        and each slot is freed as soon as its answer is in, so a call may have
+        any number of parts. Returns the waiter (``failed``: the first failure).
+        If the call is cancelled, the slots the backend still holds are freed
+        when their answers arrive.
+        """
+        self._check()
+        waiter = _Waiter(len(parts), complete)
+        slots: list[_Slot] = []
+        unsubmitted: list[_Slot] = []
+        try:
+            while len(slots) < len(parts):
+                taken = unsubmitted = await self._take_slots(len(parts) - len(slots))
+                wave = parts[len(slots):len(slots) + len(taken)]
+                slots += taken
+                if not self._online.is_set():
+                    with trio.move_on_after(self.session.recovery_timeout):
+                        await self._online.wait()
+                self._check()
+                if self.ring is None:
+                    raise BlkDeviceError("vbd is not connected")
+                built = [build(slot, part) for slot, part in zip(taken, wave, strict=True)]
+                by_queue: dict[int, list[bytes]] = {}
+                for slot, part, (slot.request, slot.op) in zip(taken, wave, built, strict=True):
+                    self._seq += 1
+                    slot.seq = self._seq
+                    slot.part = part
+                    slot.waiter = waiter
+                    by_queue.setdefault(slot.queue, []).append(slot.request)
+                for q, reqs in by_queue.items():
+                    put, notify = self.rings[q].produce(b"".join(reqs))
+                    assert put == len(reqs)
+                    if notify:
+                        self.queues[q].channel.notify()
+                        self.stats["notifications"] += 1
+                unsubmitted = []
+            await waiter.event.wait()
+            self.stats["requests"] += len(slots)
+            return waiter
+        except BaseException:
+            for slot in unsubmitted:
                 self._release_slot(slot)
-            else:
-                # Cancelled while the backend holds the request: the slot (and
-                # its permit) is freed when the answer arrives, not before.
-                slot.abandoned = True
+            for slot in slots:
+                if slot.waiter is waiter and slot.op >= 0:
+                    # Cancelled while the backend holds the request: the slot
+                    # (and its permit) is freed when the answer arrives.
+                    slot.abandoned = True
+            raise
 
     def _release_slot(self, slot: _Slot) -> None:
         slot.op = -1
         slot.abandoned = False
+        slot.waiter = None
         self._free.append(slot)
         self._sem.release()
 
-    def _pages(self, slot: _Slot, npages: int) -> memoryview:
-        return self.session.pool.shm.page(slot.frame, npages)
-
-    def _rw_request(self, slot: _Slot, op: int, sector: int, length: int) -> tuple[bytes, int]:
+    def _rw_request(self, slot: _Slot, op: int, sector: int, length: int,
+                    refs: list[int]) -> tuple[bytes, int]:
+        """A READ or WRITE of ``length`` bytes at ``sector`` through the pages
+        granted by ``refs`` (the slot's, or a PoolBuffer's); INDIRECT when it
+        needs more than 11 segments."""
         nseg = -(-length // XEN_PAGE_SIZE)
-        sectors_per_page = XEN_PAGE_SIZE // self.sector_size
-        segs = []
-        for i in range(nseg):
-            last_bytes = min(XEN_PAGE_SIZE, length - i * XEN_PAGE_SIZE)
-            segs.append((slot.refs[i], 0, last_bytes // self.sector_size - 1))
-        assert all(last < sectors_per_page for _, _, last in segs)
+        per_sector = self.sector_size
+        full = XEN_PAGE_SIZE // per_sector - 1
+        tail = (length - (nseg - 1) * XEN_PAGE_SIZE) // per_sector - 1
+        pack = blkif.SEGMENT.pack
+        segs = b"".join([pack(refs[i], 0, full) for i in range(nseg - 1)]) \
+            + pack(refs[nseg - 1], 0, tail)
         if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            req = bytearray(blkif.REQ_SIZE)
-            _REQ.pack_into(req, 0, op, nseg, 0, slot.id, sector)
-            for i, seg in enumerate(segs):
-                blkif.SEGMENT.pack_into(req, blkif.SEG_OFFSET + i * blkif.SEGMENT.size, *seg)
-            return bytes(req), op
+            head = _REQ.pack(op, nseg, 0, slot.id, sector)
+            return head + segs + bytes(blkif.REQ_SIZE - len(head) - len(segs)), op
         page = self.session.pool.shm.page(slot.indirect_frame)
-        for i, seg in enumerate(segs):
-            blkif.SEGMENT.pack_into(page, i * blkif.SEGMENT.size, *seg)
-        req = bytearray(blkif.REQ_SIZE)
-        _INDIRECT.pack_into(req, 0, BlkifOp.INDIRECT, op, nseg, slot.id, sector, 0, 0,
-                            slot.indirect_ref, 0, 0, 0, 0, 0, 0, 0)
-        return bytes(req), BlkifOp.INDIRECT
+        page[:len(segs)] = segs
+        return _INDIRECT.pack(BlkifOp.INDIRECT, op, nseg, slot.id, sector, 0, 0,
+                              slot.indirect_ref, 0, 0, 0, 0, 0, 0, 0) + _INDIRECT_PAD, \
+            BlkifOp.INDIRECT
 
     def _max_request_bytes(self) -> int:
         indirect = self.features.get("feature-max-indirect-segments", 0)
@@ -344,63 +446,76 @@ class BlkFront(RingFrontendDriver):
             else BLKIF_MAX_SEGMENTS_PER_REQUEST
         return min(segs, self._data_pages) * XEN_PAGE_SIZE
 
-    async def _aligned_io(self, op: int, offset: int, view: memoryview) -> None:
-        """Sector-aligned read into / write from ``view``, split into concurrent
-        requests; a failure is one plain BlkDeviceError, not an exception group."""
+    async def _aligned_io(self, op: int, items: list) -> None:
+        """Sector-aligned READs into / WRITEs from each (offset, view, refs) of
+        ``items``, split into requests of at most a slot's size and submitted
+        together; ``refs`` are a PoolBuffer's grants for the view (no copy) or
+        None (the data goes through the slots' pages). One BlkDeviceError for
+        the first failure, if any."""
         chunk = self._max_request_bytes()
-        if not view:
+        parts = []
+        for offset, view, refs in items:
+            for pos in range(0, len(view), chunk):
+                part_refs = None if refs is None else refs[pos // XEN_PAGE_SIZE:]
+                parts.append((offset + pos, view[pos:pos + chunk], part_refs))
+        if not parts:
             return
-        if len(view) <= chunk:
-            await self._one_rw(op, offset, view)
-            return
-        try:
-            async with trio.open_nursery() as nursery:
-                for pos in range(0, len(view), chunk):
-                    nursery.start_soon(self._one_rw, op, offset + pos, view[pos:pos + chunk])
-        except BaseExceptionGroup as group:
-            matched, rest = group.split(BlkDeviceError)
-            if rest is None and matched is not None:
-                first = matched
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise first from group
-            raise
+        ss = self.sector_size
+        write = op == BlkifOp.WRITE
 
-    async def _one_rw(self, op: int, offset: int, part: memoryview) -> None:
-        length = len(part)
-
-        def build(slot: _Slot):
-            if op == BlkifOp.WRITE:
-                self._pages(slot, -(-length // XEN_PAGE_SIZE))[:length] = part
-            return self._rw_request(slot, op, offset // self.sector_size, length)
+        def build(slot: _Slot, part) -> tuple[bytes, int]:
+            offset, view, refs = part
+            if refs is None:
+                refs = slot.refs
+                if write:
+                    slot.pages[:len(view)] = view
+            return self._rw_request(slot, op, offset // ss, len(view), refs)
 
         def copy_out(slot: _Slot) -> None:
-            part[:] = self._pages(slot, -(-length // XEN_PAGE_SIZE))[:length]
+            _, view, refs = slot.part
+            if refs is None:  # a PoolBuffer's pages already hold the data
+                view[:] = slot.pages[:len(view)]
 
-        status = await self._submit(build, copy_out if op == BlkifOp.READ else None)
-        if status != BlkifRsp.OKAY:
+        zero_copy = all(refs is not None for _, _, refs in parts)
+        waiter = await self._run(parts, build, None if write or zero_copy else copy_out)
+        if waiter.failed is not None:
+            (offset, view, _), status = waiter.failed
             why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
-            raise BlkDeviceError(f"{'read' if op == 0 else 'write'} at {offset}+{length}: "
+            raise BlkDeviceError(f"{'write' if write else 'read'} at {offset}+{len(view)}: "
                                  f"{why}")
-        self.stats["bytes"] += length
+        self.stats["bytes"] += sum(len(view) for _, view, _ in parts)
 
     def _bounds(self, offset: int, length: int) -> None:
         self._check()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise BlkDeviceError(f"range {offset}+{length} outside the {self.size}-byte disk")
 
+    def _item(self, offset: int, buf) -> tuple[int, memoryview, list[int] | None]:
+        if isinstance(buf, PoolBuffer):
+            if buf.view is None:
+                raise BlkDeviceError("PoolBuffer is closed")
+            if buf._front is not self:
+                raise BlkDeviceError("PoolBuffer belongs to another device")
+            return offset, buf.view, buf.refs
+        return offset, memoryview(buf).cast("B"), None
+
+    def buffer(self, nbytes: int) -> PoolBuffer:
+        """A zero-copy buffer of ``nbytes`` in the shared pool (see :class:`PoolBuffer`)."""
+        return PoolBuffer(self, nbytes)
+
     async def readinto(self, offset: int, buf) -> int:
-        """Fill ``buf`` with the disk's bytes at ``offset`` (any alignment)."""
-        view = memoryview(buf).cast("B")
+        """Fill ``buf`` (any writable buffer, or a :class:`PoolBuffer` for no copy)
+        with the disk's bytes at ``offset`` (any alignment)."""
+        offset, view, refs = self._item(offset, buf)
         self._bounds(offset, len(view))
         ss = self.sector_size
+        if not offset % ss and not len(view) % ss:
+            await self._aligned_io(BlkifOp.READ, [(offset, view, refs)])
+            return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
-        if start == offset and end == offset + len(view):
-            await self._aligned_io(BlkifOp.READ, offset, view)
-        else:
-            tmp = bytearray(end - start)
-            await self._aligned_io(BlkifOp.READ, start, memoryview(tmp))
-            view[:] = tmp[offset - start: offset - start + len(view)]
+        tmp = bytearray(end - start)
+        await self._aligned_io(BlkifOp.READ, [(start, memoryview(tmp), None)])
+        view[:] = tmp[offset - start: offset - start + len(view)]
         return len(view)
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -408,42 +523,75 @@ class BlkFront(RingFrontendDriver):
         await self.readinto(offset, buf)
         return bytes(buf)
 
+    async def _many(self, op: int, items) -> None:
+        checked = []
+        ss = self.sector_size
+        for offset, buf in items:
+            item = self._item(offset, buf)
+            self._bounds(item[0], len(item[1]))
+            if item[0] % ss or len(item[1]) % ss:
+                raise BlkDeviceError(f"read_many/write_many need {ss}-byte aligned offsets "
+                                     f"and lengths (got {item[0]}+{len(item[1])})")
+            checked.append(item)
+        if op == BlkifOp.WRITE and self.readonly:
+            raise BlkDeviceError("the disk is read-only")
+        await self._aligned_io(op, checked)
+
+    async def read_many(self, items) -> None:
+        """READ into each (offset, buffer) of ``items`` in one go: every request
+        is put on the ring before the first answer is awaited (one push, one
+        notification), as ``io_submit`` does. Offsets and lengths must be
+        sector-aligned; a :class:`PoolBuffer` avoids the copy. Raises one
+        BlkDeviceError if any request failed (the others still completed)."""
+        await self._many(BlkifOp.READ, items)
+
+    async def write_many(self, items) -> None:
+        """WRITE each (offset, buffer) of ``items`` in one go (see :meth:`read_many`).
+        Like concurrent writes, they may reach the disk in any order."""
+        await self._many(BlkifOp.WRITE, items)
+
     async def write(self, offset: int, data) -> int:
-        """Write ``data`` at ``offset`` (any alignment: edges are read-modify-written)."""
-        view = memoryview(data).cast("B")
+        """Write ``data`` (any buffer, or a :class:`PoolBuffer` for no copy) at
+        ``offset`` (any alignment: edges are read-modify-written)."""
+        offset, view, refs = self._item(offset, data)
         self._bounds(offset, len(view))
         if self.readonly:
             raise BlkDeviceError("the disk is read-only")
         ss = self.sector_size
+        if not offset % ss and not len(view) % ss:
+            await self._aligned_io(BlkifOp.WRITE, [(offset, view, refs)])
+            return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
-        if start == offset and end == offset + len(view):
-            await self._aligned_io(BlkifOp.WRITE, offset, view)
-        else:
-            # Read-modify-write of the edge sectors, serialised per sector so
-            # that concurrent small writes to one sector do not undo each other.
-            edges = sorted({start, end - ss})
-            locks = [self._rmw_locks.setdefault(sector, trio.Lock()) for sector in edges]
-            for lock in locks:
-                await lock.acquire()
-            try:
-                tmp = bytearray(end - start)
-                await self.readinto(start, memoryview(tmp)[:ss])
-                await self.readinto(end - ss, memoryview(tmp)[-ss:])
-                tmp[offset - start: offset - start + len(view)] = view
-                await self._aligned_io(BlkifOp.WRITE, start, memoryview(tmp))
-            finally:
-                for lock in reversed(locks):
-                    lock.release()
-                for sector, lock in zip(edges, locks, strict=True):
-                    if not lock.locked() and not lock.statistics().tasks_waiting:
-                        self._rmw_locks.pop(sector, None)
+        # Read-modify-write of the edge sectors, serialised per sector so
+        # that concurrent small writes to one sector do not undo each other.
+        edges = sorted({start, end - ss})
+        locks = [self._rmw_locks.setdefault(sector, trio.Lock()) for sector in edges]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            tmp = bytearray(end - start)
+            await self.readinto(start, memoryview(tmp)[:ss])
+            await self.readinto(end - ss, memoryview(tmp)[-ss:])
+            tmp[offset - start: offset - start + len(view)] = view
+            await self._aligned_io(BlkifOp.WRITE, [(start, memoryview(tmp), None)])
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+            for sector, lock in zip(edges, locks, strict=True):
+                if not lock.locked() and not lock.statistics().tasks_waiting:
+                    self._rmw_locks.pop(sector, None)
         return len(view)
+
+    async def _one(self, build) -> int:
+        """Submit one request ``build(slot)`` makes; its status."""
+        waiter = await self._run([None], lambda slot, _part: build(slot))
+        return BlkifRsp.OKAY if waiter.failed is None else waiter.failed[1]
 
     async def flush(self) -> None:
         """FLUSH_DISKCACHE: returns once the backend's fdatasync succeeded."""
         if self.readonly or not self.features.get("feature-flush-cache"):
             return  # nothing written, or no volatile cache advertised: nothing to flush
-        status = await self._submit(lambda slot: (bytes(_req_bytes(
+        status = await self._one(lambda slot: (bytes(_req_bytes(
             BlkifOp.FLUSH_DISKCACHE, 0, slot.id, 0)), BlkifOp.FLUSH_DISKCACHE))
         if status == BlkifRsp.EOPNOTSUPP:
             self.features["feature-flush-cache"] = 0
@@ -465,7 +613,7 @@ class BlkFront(RingFrontendDriver):
             _DISCARD.pack_into(req, 0, BlkifOp.DISCARD, 0, 0, slot.id, offset // ss, length // ss)
             return bytes(req), BlkifOp.DISCARD
 
-        status = await self._submit(build)
+        status = await self._one(build)
         if status == BlkifRsp.EOPNOTSUPP:
             self.features["feature-discard"] = 0
         elif status != BlkifRsp.OKAY:
