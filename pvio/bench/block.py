@@ -313,6 +313,53 @@ class SocketBlockClient:
     async def write(self, offset: int, data) -> int:
         return await self._call(_WRITE, offset, None, memoryview(data).cast("B"))
 
+    async def _many(self, op: int, items) -> None:
+        """Every request of ``items`` in one send, then wait for all the answers
+        (BlkFront.read_many/write_many over the socket)."""
+        if self.error:
+            raise OSError(5, self.error)
+        countdown = _Countdown(len(items))
+        calls, parts = [], []
+        for offset, buf in items:
+            view = memoryview(buf).cast("B")
+            rid = self._free.pop()
+            w = [view if op == _READ else None, countdown, 0]
+            self._waiting[rid] = w
+            calls.append((rid, w))
+            parts.append(SOCK_REQ.pack(rid, op, offset, len(view)))
+            if op == _WRITE:
+                parts.append(view)
+        try:
+            self._send(b"".join(parts))
+            await countdown.event.wait()
+        finally:
+            for rid, _ in calls:
+                self._free.append(rid)
+        for _, w in calls:
+            if w[2] < 0:
+                raise OSError(-w[2], f"block server: {os.strerror(-w[2])}")
+
+    async def read_many(self, items) -> None:
+        await self._many(_READ, items)
+
+    async def write_many(self, items) -> None:
+        await self._many(_WRITE, items)
+
+
+class _Countdown:
+    """``set()`` once per answer; ``event`` fires at the last one."""
+
+    __slots__ = ("event", "left")
+
+    def __init__(self, n: int) -> None:
+        self.event = trio.Event()
+        self.left = n
+
+    def set(self) -> None:
+        self.left -= 1
+        if not self.left:
+            self.event.set()
+
 
 # ------------------------------------------------------------ processes
 
@@ -484,8 +531,10 @@ def _sync_slice(fd: int, wl: dict, offsets: _Offsets, buf: bytearray, seconds: f
 
 
 async def _async_slice(dev, wl: dict, offsets: _Offsets, bufs: list, seconds: float,
-                       acc: _Acc | None, server_pid: int | None) -> None:
-    """``depth`` trio tasks doing ``dev.readinto``/``dev.write`` for ``seconds``."""
+                       acc: _Acc | None, server_pid: int | None, api: str = "batch") -> None:
+    """``depth`` trio tasks doing ``dev.readinto``/``dev.write`` for ``seconds``
+    (api "tasks"), or two tasks each submitting ``depth/2`` requests per
+    ``dev.read_many``/``dev.write_many`` call (api "batch", Q > 1)."""
     clock, clock_ns = time.perf_counter, time.perf_counter_ns
     nxt = offsets.next
     record = acc is not None and wl["depth"] == 1
@@ -506,11 +555,25 @@ async def _async_slice(dev, wl: dict, offsets: _Offsets, bufs: list, seconds: fl
             n += 1
         done[0] += n
 
+    async def batch_worker(mine: list) -> None:
+        call = dev.read_many if wl["op"] == _READ else dev.write_many
+        n = 0
+        while clock() < deadline:
+            await call([(nxt(), buf) for buf in mine])
+            n += len(mine)
+        done[0] += n
+
+    depth = wl["depth"]
     cpu0, scpu0 = _cpu_self(), _cpu_of(server_pid)
     t0 = clock()
     async with trio.open_nursery() as nursery:
-        for k in range(wl["depth"]):
-            nursery.start_soon(worker, bufs[k])
+        if api == "batch" and depth > 1:
+            half = depth // 2
+            nursery.start_soon(batch_worker, bufs[:half])
+            nursery.start_soon(batch_worker, bufs[half:depth])
+        else:
+            for k in range(depth):
+                nursery.start_soon(worker, bufs[k])
     wall = clock() - t0
     if acc is not None:
         acc.ops += done[0]
@@ -560,12 +623,22 @@ async def _verify(dev, fd: int, size: int, name: str) -> None:
         await dev.readinto(offset, buf)
         if bytes(buf) != os.pread(fd, length, offset):
             raise BenchError(f"{name}: read at {offset}+{length} differs from os.pread")
+    # the buffers and the batch call the measured cases use
+    bufs = _buffers(dev, 65536, bytes(65536), 4)
+    await dev.read_many([(size // 4 + k * 65536, b) for k, b in enumerate(bufs)])
+    for k, b in enumerate(bufs):
+        got = bytes(b.view if hasattr(b, "view") else b)
+        if got != os.pread(fd, 65536, size // 4 + k * 65536):
+            raise BenchError(f"{name}: read_many at {size // 4 + k * 65536} differs from "
+                             "os.pread")
+        if hasattr(b, "close"):
+            b.close()
 
 
 async def _run_all(*, image: str, size: int, daemon_sock: str | None, daemon_pid: int | None,
                    sock_path: str | None, sock_pid: int | None, workloads: Sequence[str],
                    systems: Sequence[str], seconds: float, warmup: float, slices: int,
-                   seq_depth: int, progress) -> list[dict[str, Any]]:
+                   seq_depth: int, progress, api: str = "batch") -> list[dict[str, Any]]:
     from pvio.frontends.blkfront import BLK_KEYS, BlkFront
     from pvio.frontends.session import open_session
 
@@ -602,17 +675,20 @@ async def _run_all(*, image: str, size: int, daemon_sock: str | None, daemon_pid
             wl = _workload(workload, seq_depth)
             bs = wl["bs"]
             fill = random.Random(_PATTERN_SEED).randbytes(1 << 20)[:bs]
-            bufs = [bytearray(fill) for _ in range(max(1, wl["depth"]))]
+            bufs = {s: _buffers(devs.get(s), bs, fill, max(1, wl["depth"])) for s in systems}
             accs = {s: _Acc() for s in systems}
             offs = {s: _Offsets(size, bs, wl["random"], seed=WORKLOADS.index(workload))
                     for s in systems}
             order = list(systems)
             for s in order:  # warm-up (unmeasured), then interleaved slices
-                await _one(s, devs, fd, wl, offs[s], bufs, warmup, None, pids)
+                await _one(s, devs, fd, wl, offs[s], bufs[s], warmup, None, pids, api)
             for k in range(slices):
                 rot = order[k % len(order):] + order[:k % len(order)]
                 for s in rot:
-                    await _one(s, devs, fd, wl, offs[s], bufs, seconds / slices, accs[s], pids)
+                    await _one(s, devs, fd, wl, offs[s], bufs[s], seconds / slices, accs[s],
+                               pids, api)
+            for buf in bufs.get("pvio", []):
+                buf.close()
             for s in systems:
                 row = _case_row(workload, s, wl, accs[s])
                 rows.append(row)
@@ -629,13 +705,27 @@ async def _run_all(*, image: str, size: int, daemon_sock: str | None, daemon_pid
     return rows
 
 
+def _buffers(dev, bs: int, fill: bytes, n: int) -> list:
+    """The request buffers of one case: for pvio, PoolBuffers (BlkFront's
+    zero-copy path: the backend moves the data straight into or out of them);
+    otherwise bytearrays."""
+    if dev is None or not hasattr(dev, "buffer"):
+        return [bytearray(fill) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        buf = dev.buffer(bs)
+        buf.view[:] = fill
+        out.append(buf)
+    return out
+
+
 async def _one(system: str, devs: dict, fd: int, wl: dict, offsets: _Offsets, bufs: list,
-               seconds: float, acc: _Acc | None, pids: dict) -> None:
+               seconds: float, acc: _Acc | None, pids: dict, api: str) -> None:
     if system == "pread":
         _sync_slice(fd, wl, offsets, bufs[0], seconds, acc)
         await trio.lowlevel.checkpoint()
     else:
-        await _async_slice(devs[system], wl, offsets, bufs, seconds, acc, pids[system])
+        await _async_slice(devs[system], wl, offsets, bufs, seconds, acc, pids[system], api)
 
 
 # ------------------------------------------------------------- reporting
@@ -762,6 +852,7 @@ def run_benchmark(
     systems: Sequence[str] = SYSTEMS,
     directory: str | None = None,
     progress: Callable[[str], None] | None = None,
+    api: str = "batch",
 ) -> dict[str, Any]:
     """Start the daemon and the socket server, run every case, return the report."""
     if size < 1 << 20 or size % (64 * KIB):
@@ -789,7 +880,7 @@ def run_benchmark(
             image=image, size=size, daemon_sock=daemon_sock, daemon_pid=daemon_pid,
             sock_path=sock_path, sock_pid=sock_pid, workloads=workloads, systems=systems,
             seconds=seconds, warmup=warmup, slices=slices, seq_depth=seq_depth,
-            progress=progress))
+            progress=progress, api=api))
         other_cpus, steal_cpus = other.cpus()
         image_fs = _fs_type(root)
     finally:
@@ -804,7 +895,7 @@ def run_benchmark(
         "benchmark": "pvio bench block",
         "config": {"seconds": seconds, "warmup": warmup, "slices": slices, "size": size,
                    "seq_depth": seq_depth, "workloads": workloads, "systems": systems,
-                   "image_fs": image_fs},
+                   "api": api, "image_fs": image_fs},
         "wall_s": time.perf_counter() - t0,
         "cases": cases,
         "ratios": ratios,
@@ -854,6 +945,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--systems", type=choices(SYSTEMS), default=list(SYSTEMS), metavar="S,S,...",
         help=f"which systems to run (default: {','.join(SYSTEMS)}); ratios need all three")
     parser.add_argument(
+        "--api", choices=("batch", "tasks"), default="batch",
+        help="how the pvio and socket clients keep Q>1 requests in flight: 'batch', two "
+        "tasks each submitting Q/2 requests per read_many/write_many call (io_submit "
+        "style; the default), or 'tasks', Q tasks each awaiting readinto/write")
+    parser.add_argument(
         "--dir", metavar="DIR", default=None,
         help="where the temporary image and sockets go (default: /dev/shm when writable, "
         "so writes cause no disk writeback; else the system temp dir)")
@@ -872,7 +968,8 @@ def run(args: argparse.Namespace) -> int:
     return report("block", args.json, lambda: run_benchmark(
             seconds=args.seconds, warmup=args.warmup, slices=args.slices, size=args.size,
             seq_depth=args.seq_depth, workloads=args.workloads, systems=args.systems,
-            directory=args.dir, progress=None if args.json else progress), format_table)
+            directory=args.dir, progress=None if args.json else progress, api=args.api),
+        format_table)
 
 
 def main(argv: list[str] | None = None) -> int:

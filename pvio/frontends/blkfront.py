@@ -41,6 +41,8 @@ _REQ = struct.Struct("<BBH4xQQ")
 _DISCARD = struct.Struct("<BBH4xQQQ")
 _INDIRECT = struct.Struct("<BBH4xQQHH8I4x")
 _INDIRECT_PAD = bytes(blkif.REQ_SIZE - _INDIRECT.size)
+_PAD = [bytes(blkif.REQ_SIZE - _REQ.size - n * blkif.SEGMENT.size)
+        for n in range(BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
 MAX_INDIRECT_SEGMENTS = 32  # per request, when the backend allows at least this many
 #: The backend keys blkfront reads when it attaches.
 BLK_KEYS = ("sectors", "sector-size", "info", "feature-flush-cache", "feature-barrier",
@@ -73,8 +75,8 @@ class _Waiter:
 
 
 class _Slot:
-    __slots__ = ("abandoned", "frame", "id", "indirect_frame", "indirect_ref",
-                 "op", "pages", "part", "queue", "refs", "request", "seq", "waiter")
+    __slots__ = ("abandoned", "frame", "id", "indirect_frame", "indirect_ref", "indirect_segs",
+                 "op", "pages", "part", "queue", "refs", "request", "segs", "seq", "waiter")
 
     def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int],
                  pages: memoryview) -> None:
@@ -83,6 +85,8 @@ class _Slot:
         self.refs = refs
         self.pages = pages  # its data pages, granted to the backend once
         self.indirect_frame, self.indirect_ref = indirect
+        self.indirect_segs = b""  # what its indirect page holds now
+        self.segs: dict[tuple[int, int], bytes] = {}  # (length, sector size) -> segments
         self.op = -1  # -1: free; else outstanding (on the ring, or to resubmit)
         self.waiter: _Waiter | None = None
         self.part = None  # what the caller asked for
@@ -113,6 +117,8 @@ class PoolBuffer:
         self.refs = [front.session.gnttab.grant_access(0, self.frame + i)
                      for i in range(self.npages)]
         self.view = pool.shm.page(self.frame, self.npages)[:nbytes]
+        # (first page, length, sector size) -> the segments of a request
+        self.segs: dict[tuple[int, int, int], bytes] = {}
 
     def __len__(self) -> int:
         return len(self.view)
@@ -419,23 +425,27 @@ class BlkFront(RingFrontendDriver):
         self._free.append(slot)
         self._sem.release()
 
-    def _rw_request(self, slot: _Slot, op: int, sector: int, length: int,
-                    refs: list[int]) -> tuple[bytes, int]:
-        """A READ or WRITE of ``length`` bytes at ``sector`` through the pages
-        granted by ``refs`` (the slot's, or a PoolBuffer's); INDIRECT when it
-        needs more than 11 segments."""
+    def _segments(self, refs: list[int], length: int) -> bytes:
+        """The packed ``blkif_request_segment`` array for ``length`` bytes through
+        the pages granted by ``refs`` (whole pages, the last one partly)."""
         nseg = -(-length // XEN_PAGE_SIZE)
-        per_sector = self.sector_size
-        full = XEN_PAGE_SIZE // per_sector - 1
-        tail = (length - (nseg - 1) * XEN_PAGE_SIZE) // per_sector - 1
+        full = XEN_PAGE_SIZE // self.sector_size - 1
+        tail = (length - (nseg - 1) * XEN_PAGE_SIZE) // self.sector_size - 1
         pack = blkif.SEGMENT.pack
-        segs = b"".join([pack(refs[i], 0, full) for i in range(nseg - 1)]) \
+        return b"".join([pack(refs[i], 0, full) for i in range(nseg - 1)]) \
             + pack(refs[nseg - 1], 0, tail)
+
+    def _rw_request(self, slot: _Slot, op: int, sector: int, segs: bytes) -> tuple[bytes, int]:
+        """A READ or WRITE at ``sector`` of the segments ``segs``; INDIRECT when
+        there are more than 11."""
+        nseg = len(segs) >> 3
         if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            head = _REQ.pack(op, nseg, 0, slot.id, sector)
-            return head + segs + bytes(blkif.REQ_SIZE - len(head) - len(segs)), op
-        page = self.session.pool.shm.page(slot.indirect_frame)
-        page[:len(segs)] = segs
+            return _REQ.pack(op, nseg, 0, slot.id, sector) + segs + _PAD[nseg], op
+        if slot.indirect_segs != segs:
+            page = self.session.pool.shm.page(slot.indirect_frame)
+            page[:len(segs)] = segs
+            page.release()
+            slot.indirect_segs = segs
         return _INDIRECT.pack(BlkifOp.INDIRECT, op, nseg, slot.id, sector, 0, 0,
                               slot.indirect_ref, 0, 0, 0, 0, 0, 0, 0) + _INDIRECT_PAD, \
             BlkifOp.INDIRECT
@@ -447,36 +457,45 @@ class BlkFront(RingFrontendDriver):
         return min(segs, self._data_pages) * XEN_PAGE_SIZE
 
     async def _aligned_io(self, op: int, items: list) -> None:
-        """Sector-aligned READs into / WRITEs from each (offset, view, refs) of
+        """Sector-aligned READs into / WRITEs from each (offset, view, buf) of
         ``items``, split into requests of at most a slot's size and submitted
-        together; ``refs`` are a PoolBuffer's grants for the view (no copy) or
-        None (the data goes through the slots' pages). One BlkDeviceError for
-        the first failure, if any."""
+        together. ``buf`` is the PoolBuffer ``view`` belongs to (its own grants
+        go in the requests: no copy) or None (the data goes through the slots'
+        pages). One BlkDeviceError for the first failure, if any."""
         chunk = self._max_request_bytes()
-        parts = []
-        for offset, view, refs in items:
+        ss = self.sector_size
+        parts = []  # (offset, view, segments, or None for the slot's pages)
+        for offset, view, buf in items:
+            if not view:
+                continue
+            if len(view) <= chunk:  # the common case, without slicing
+                parts.append((offset, view, self._buffer_segments(buf, 0, len(view))))
+                continue
             for pos in range(0, len(view), chunk):
-                part_refs = None if refs is None else refs[pos // XEN_PAGE_SIZE:]
-                parts.append((offset + pos, view[pos:pos + chunk], part_refs))
+                part = view[pos:pos + chunk]
+                parts.append((offset + pos, part, self._buffer_segments(buf, pos, len(part))))
         if not parts:
             return
-        ss = self.sector_size
         write = op == BlkifOp.WRITE
+        rw_request = self._rw_request
 
         def build(slot: _Slot, part) -> tuple[bytes, int]:
-            offset, view, refs = part
-            if refs is None:
-                refs = slot.refs
+            offset, view, segs = part
+            if segs is None:
+                length = len(view)
+                segs = slot.segs.get((length, ss))
+                if segs is None:
+                    segs = slot.segs[length, ss] = self._segments(slot.refs, length)
                 if write:
-                    slot.pages[:len(view)] = view
-            return self._rw_request(slot, op, offset // ss, len(view), refs)
+                    slot.pages[:length] = view
+            return rw_request(slot, op, offset // ss, segs)
 
         def copy_out(slot: _Slot) -> None:
-            _, view, refs = slot.part
-            if refs is None:  # a PoolBuffer's pages already hold the data
+            _, view, segs = slot.part
+            if segs is None:  # a PoolBuffer's pages already hold the data
                 view[:] = slot.pages[:len(view)]
 
-        zero_copy = all(refs is not None for _, _, refs in parts)
+        zero_copy = all(segs is not None for _, _, segs in parts)
         waiter = await self._run(parts, build, None if write or zero_copy else copy_out)
         if waiter.failed is not None:
             (offset, view, _), status = waiter.failed
@@ -485,18 +504,28 @@ class BlkFront(RingFrontendDriver):
                                  f"{why}")
         self.stats["bytes"] += sum(len(view) for _, view, _ in parts)
 
+    def _buffer_segments(self, buf: PoolBuffer | None, pos: int, length: int) -> bytes | None:
+        """The segments naming ``buf``'s own pages at ``pos`` (None: not a PoolBuffer)."""
+        if buf is None:
+            return None
+        key = (pos, length, self.sector_size)
+        segs = buf.segs.get(key)
+        if segs is None:
+            segs = buf.segs[key] = self._segments(buf.refs[pos // XEN_PAGE_SIZE:], length)
+        return segs
+
     def _bounds(self, offset: int, length: int) -> None:
         self._check()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise BlkDeviceError(f"range {offset}+{length} outside the {self.size}-byte disk")
 
-    def _item(self, offset: int, buf) -> tuple[int, memoryview, list[int] | None]:
+    def _item(self, offset: int, buf) -> tuple[int, memoryview, PoolBuffer | None]:
         if isinstance(buf, PoolBuffer):
             if buf.view is None:
                 raise BlkDeviceError("PoolBuffer is closed")
             if buf._front is not self:
                 raise BlkDeviceError("PoolBuffer belongs to another device")
-            return offset, buf.view, buf.refs
+            return offset, buf.view, buf
         return offset, memoryview(buf).cast("B"), None
 
     def buffer(self, nbytes: int) -> PoolBuffer:
@@ -506,11 +535,11 @@ class BlkFront(RingFrontendDriver):
     async def readinto(self, offset: int, buf) -> int:
         """Fill ``buf`` (any writable buffer, or a :class:`PoolBuffer` for no copy)
         with the disk's bytes at ``offset`` (any alignment)."""
-        offset, view, refs = self._item(offset, buf)
+        offset, view, buf = self._item(offset, buf)
         self._bounds(offset, len(view))
         ss = self.sector_size
         if not offset % ss and not len(view) % ss:
-            await self._aligned_io(BlkifOp.READ, [(offset, view, refs)])
+            await self._aligned_io(BlkifOp.READ, [(offset, view, buf)])
             return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         tmp = bytearray(end - start)
@@ -553,13 +582,13 @@ class BlkFront(RingFrontendDriver):
     async def write(self, offset: int, data) -> int:
         """Write ``data`` (any buffer, or a :class:`PoolBuffer` for no copy) at
         ``offset`` (any alignment: edges are read-modify-written)."""
-        offset, view, refs = self._item(offset, data)
+        offset, view, buf = self._item(offset, data)
         self._bounds(offset, len(view))
         if self.readonly:
             raise BlkDeviceError("the disk is read-only")
         ss = self.sector_size
         if not offset % ss and not len(view) % ss:
-            await self._aligned_io(BlkifOp.WRITE, [(offset, view, refs)])
+            await self._aligned_io(BlkifOp.WRITE, [(offset, view, buf)])
             return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         # Read-modify-write of the edge sectors, serialised per sector so
