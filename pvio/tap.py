@@ -149,7 +149,7 @@ class Tap:
             return [Frame(bytes(s), Offload(False, True)) for s in _l4.segment(data, gso_size)]
         return [Frame(bytes(data), Offload(True, True, gso_type, gso_size))]
 
-    def to_vnet(self, frame: Frame) -> bytes:
+    def to_vnet(self, frame: Frame) -> bytes | bytearray:
         """The virtio-net header for a netif frame (and the frame, maybe adjusted)."""
         off = frame.offload
         data = frame.data
@@ -159,15 +159,16 @@ class Tap:
         info = _l4.parse(data)
         if info is None:  # nothing the kernel could finish: pass it as it is
             return VNET_HDR.pack(0, 0, 0, 0, 0, 0) + data
-        data = bytearray(data)
-        _l4.seed_pseudo(data, info)
-        # The GSO type the kernel sees is the frame's own (a guest's flag may lie).
-        gso_type = _l4.gso_type_of(info) if off.gso_type and off.gso_size else 0
-        gso = _TO_VIRTIO.get(gso_type, VIRTIO_NET_HDR_GSO_NONE) if self.offloads else 0
-        hdr_len = _l4.tcp_header_end(data, info) if gso else 0
-        hdr = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, hdr_len,
-                            off.gso_size if gso else 0, info.l4, info.csum_offset)
-        return hdr + data
+        out = bytearray(VNET_HDR.size) + data  # header room and the frame: one copy
+        with memoryview(out)[VNET_HDR.size:] as frame_view:
+            _l4.seed_pseudo(frame_view, info)
+            # The GSO type the kernel sees is the frame's own (a guest's flag may lie).
+            gso_type = _l4.gso_type_of(info) if off.gso_type and off.gso_size else 0
+            gso = _TO_VIRTIO.get(gso_type, VIRTIO_NET_HDR_GSO_NONE) if self.offloads else 0
+            hdr_len = _l4.tcp_header_end(frame_view, info) if gso else 0
+        VNET_HDR.pack_into(out, 0, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, hdr_len,
+                           off.gso_size if gso else 0, info.l4, info.csum_offset)
+        return out
 
     def write_frame(self, frame: Frame) -> bool:
         """Give one frame to the kernel; False (and counted) if it refused it."""

@@ -550,19 +550,33 @@ class NetBackend(RingBackendDriver):
             raise RingBrokenError("rx requests vanished")
         queue.held = reqs[need * RX_REQ.size:]
         npk = len(datas)
-        src = b"".join(datas)
         sc = queue.rxs
         lens_a = array("I", lens)
-        used = lib.pvio_net_rx_fill(
-            _grant_context(mapper, self._gnt), ffi.from_buffer("uint8_t[]", reqs), need,
-            ffi.from_buffer("uint8_t[]", src), len(src),
-            ffi.from_buffer("uint32_t[]", lens_a),
-            ffi.NULL if meta is None else ffi.from_buffer("uint32_t[]", meta), npk,
-            sc.p_rsp, sc.p_status, sc.p_ref, sc.ok_bytes)
+        g = _grant_context(mapper, self._gnt)
+        p_reqs = ffi.from_buffer("uint8_t[]", reqs)
+        p_lens = ffi.from_buffer("uint32_t[]", lens_a)
+        p_meta = ffi.NULL if meta is None else ffi.from_buffer("uint32_t[]", meta)
+        total = sum(lens)
+        if total <= 2048 * npk:  # small frames: one buffer, one call
+            src = b"".join(datas)
+            used = lib.pvio_net_rx_fill(g, p_reqs, need, ffi.from_buffer("uint8_t[]", src),
+                                        total, p_lens, p_meta, npk, sc.p_rsp, sc.p_status,
+                                        sc.p_ref, sc.ok_bytes)
+            ok_bytes = sc.ok_bytes[0]
+        else:  # big frames: a call each, straight from the frame (no joined copy)
+            used = ok_bytes = 0
+            for i, data in enumerate(datas):
+                got = lib.pvio_net_rx_fill(
+                    g, p_reqs + 8 * used, need - used, ffi.from_buffer("uint8_t[]", data),
+                    lens[i], p_lens + i, p_meta if meta is None else p_meta + 2 * i, 1,
+                    sc.p_rsp + 8 * used, sc.p_status + i, sc.p_ref + i, sc.ok_bytes)
+                if got < 0:
+                    break
+                used += got
+                ok_bytes += sc.ok_bytes[0]
         if used != need:
             raise RuntimeError(f"rx fill used {used} slots, planned {need}")  # a bug of ours
-        ok_bytes = sc.ok_bytes[0]
-        if ok_bytes != len(src):  # some copies failed: those frames said ERROR
+        if ok_bytes != total:  # some copies failed: those frames said ERROR
             statuses = sc.status[:npk].tolist()
             for st, ref in zip(statuses, sc.ref[:npk].tolist(), strict=True):
                 if st:

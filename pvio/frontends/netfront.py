@@ -468,11 +468,25 @@ class NetFront(RingFrontendDriver):
                 words.append(flags | off.gso_type << 16)
                 words.append(off.gso_size if off.gso_type else 0)
             meta = ffi.from_buffer("uint32_t[]", words)
-        joined = b"".join(datas)
         lens = array("I", map(len, datas))
-        sent = lib.pvio_netfront_tx_put(txc.c, ffi.from_buffer("uint8_t[]", joined),
-                                        ffi.from_buffer("uint32_t[]", lens), meta, k, free_slots,
-                                        txc.p_req, txc.nreq, txc.nbytes)
+        p_lens = ffi.from_buffer("uint32_t[]", lens)
+        nbytes = sum(lens)
+        if nbytes <= 2048 * k:  # small frames: one buffer, one call
+            sent = lib.pvio_netfront_tx_put(txc.c, ffi.from_buffer("uint8_t[]", b"".join(datas)),
+                                            p_lens, meta, k, free_slots, txc.p_req, txc.nreq,
+                                            txc.nbytes)
+            nreq, nbytes = txc.nreq[0], txc.nbytes[0]
+        else:  # big frames: a call each, straight from the frame (no joined copy)
+            sent = nreq = nbytes = 0
+            for i, data in enumerate(datas):
+                if not lib.pvio_netfront_tx_put(
+                        txc.c, ffi.from_buffer("uint8_t[]", data), p_lens + i,
+                        meta if meta == ffi.NULL else meta + 2 * i, 1, free_slots - nreq,
+                        txc.p_req + TX_REQ.size * nreq, txc.nreq, txc.nbytes):
+                    break
+                sent += 1
+                nreq += txc.nreq[0]
+                nbytes += txc.nbytes[0]
         if not sent:
             return 0
         if sent == len(backlog):
@@ -481,8 +495,8 @@ class NetFront(RingFrontendDriver):
             for _ in range(sent):
                 backlog.popleft()
         self.stats.tx_packets += sent
-        self.stats.tx_bytes += txc.nbytes[0]
-        _, notify = queue.tx.produce(txc.req_v[:txc.nreq[0] * TX_REQ.size])
+        self.stats.tx_bytes += nbytes
+        _, notify = queue.tx.produce(txc.req_v[:nreq * TX_REQ.size])
         if notify:
             queue.channels[0].notify()
         queue.space.unpark_all()
