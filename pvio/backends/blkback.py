@@ -83,7 +83,7 @@ class BlkBackend(RingBackendDriver):
     inline_io = True
 
     def __init__(self, domain, image: str, mode: str = "w", *, sector_size: int = SECTOR,
-                 max_indirect_segments: int = 256, busy_poll_us: float = 50.0) -> None:
+                 max_indirect_segments: int = 256, busy_poll_us: float = 200.0) -> None:
         super().__init__(domain)
         self.busy_poll_us = busy_poll_us
         self.image = image
