@@ -95,8 +95,7 @@ def _grant_context(mapper, out) -> object:
     out.domid = mapper.domid
     out.pool = mapper.pool.ptr
     out.nr_frames = mapper.pool.pages
-    out.rd_pins = mapper._rd
-    out.wr_pins = mapper._wr
+    out.rd_pins, out.wr_pins = mapper.pin_counts
     return out
 
 
