@@ -399,14 +399,18 @@ class BlkFront(RingFrontendDriver):
                 if self.ring is None:
                     raise BlkDeviceError("vbd is not connected")
                 built = [build(slot, part) for slot, part in zip(taken, wave, strict=True)]
-                by_queue: dict[int, list[bytes]] = {}
+                by_queue: list[list[bytes]] = [[] for _ in self.rings]
+                seq = self._seq
                 for slot, part, (slot.request, slot.op) in zip(taken, wave, built, strict=True):
-                    self._seq += 1
-                    slot.seq = self._seq
+                    seq += 1
+                    slot.seq = seq
                     slot.part = part
                     slot.waiter = waiter
-                    by_queue.setdefault(slot.queue, []).append(slot.request)
-                for q, reqs in by_queue.items():
+                    by_queue[slot.queue].append(slot.request)
+                self._seq = seq
+                for q, reqs in enumerate(by_queue):
+                    if not reqs:
+                        continue
                     put, notify = self.rings[q].produce(b"".join(reqs))
                     assert put == len(reqs)
                     if notify:
@@ -465,27 +469,49 @@ class BlkFront(RingFrontendDriver):
             else BLKIF_MAX_SEGMENTS_PER_REQUEST
         return min(segs, self._data_pages) * XEN_PAGE_SIZE
 
-    async def _aligned_io(self, op: int, items: list) -> None:
-        """Sector-aligned READs into / WRITEs from each (offset, view, buf) of
-        ``items``, split into requests of at most a slot's size and submitted
-        together. ``buf`` is the PoolBuffer ``view`` belongs to (its own grants
-        go in the requests: no copy) or None (the data goes through the slots'
-        pages). One BlkDeviceError for the first failure, if any."""
+    async def _aligned_io(self, op: int, items, *, check_alignment: bool = False) -> None:
+        """READs into / WRITEs from each (offset, buffer) of ``items``: checked
+        (open PoolBuffer of this device, within the disk, sector-aligned when
+        ``check_alignment``), split into requests of at most a slot's size and
+        submitted together. A PoolBuffer's own grants go in the requests (no
+        copy); other buffers go through the slots' pages. One BlkDeviceError
+        for the first failure, if any."""
+        self._check()
+        write = op == BlkifOp.WRITE
+        if write and self.readonly:
+            raise BlkDeviceError("the disk is read-only")
         chunk = self._max_request_bytes()
-        ss = self.sector_size
-        parts = []  # (offset, view, segments, or None for the slot's pages)
-        for offset, view, buf in items:
-            if not view:
-                continue
-            if len(view) <= chunk:  # the common case, without slicing
-                parts.append((offset, view, self._buffer_segments(buf, 0, len(view))))
-                continue
-            for pos in range(0, len(view), chunk):
-                part = view[pos:pos + chunk]
-                parts.append((offset + pos, part, self._buffer_segments(buf, pos, len(part))))
+        ss, size = self.sector_size, self.size
+        parts = []  # (offset, view, segments: a PoolBuffer's, or None for the slot's pages)
+        total = 0
+        for offset, buf in items:
+            if type(buf) is PoolBuffer:
+                view = buf.view
+                if view is None:
+                    raise BlkDeviceError("PoolBuffer is closed")
+                if buf._front is not self:
+                    raise BlkDeviceError("PoolBuffer belongs to another device")
+            else:
+                view, buf = memoryview(buf).cast("B"), None
+            n = len(view)
+            if offset < 0 or offset + n > size:
+                raise BlkDeviceError(f"range {offset}+{n} outside the {size}-byte disk")
+            if check_alignment and (offset % ss or n % ss):
+                raise BlkDeviceError(f"read_many/write_many need {ss}-byte aligned offsets "
+                                     f"and lengths (got {offset}+{n})")
+            total += n
+            for pos in range(0, n, chunk):
+                part = view if n <= chunk else view[pos:pos + chunk]
+                segs = None
+                if buf is not None:
+                    key = (pos, len(part), ss)
+                    segs = buf.segs.get(key)
+                    if segs is None:
+                        segs = buf.segs[key] = self._segments(buf.refs[pos // XEN_PAGE_SIZE:],
+                                                              len(part))
+                parts.append((offset + pos, part, segs))
         if not parts:
             return
-        write = op == BlkifOp.WRITE
         rw_request = self._rw_request
 
         def build(slot: _Slot, part) -> tuple[bytes, int]:
@@ -511,31 +537,20 @@ class BlkFront(RingFrontendDriver):
             why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
             raise BlkDeviceError(f"{'write' if write else 'read'} at {offset}+{len(view)}: "
                                  f"{why}")
-        self.stats["bytes"] += sum(len(view) for _, view, _ in parts)
-
-    def _buffer_segments(self, buf: PoolBuffer | None, pos: int, length: int) -> bytes | None:
-        """The segments naming ``buf``'s own pages at ``pos`` (None: not a PoolBuffer)."""
-        if buf is None:
-            return None
-        key = (pos, length, self.sector_size)
-        segs = buf.segs.get(key)
-        if segs is None:
-            segs = buf.segs[key] = self._segments(buf.refs[pos // XEN_PAGE_SIZE:], length)
-        return segs
+        self.stats["bytes"] += total
 
     def _bounds(self, offset: int, length: int) -> None:
         self._check()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise BlkDeviceError(f"range {offset}+{length} outside the {self.size}-byte disk")
 
-    def _item(self, offset: int, buf) -> tuple[int, memoryview, PoolBuffer | None]:
-        if isinstance(buf, PoolBuffer):
+    @staticmethod
+    def _view(buf) -> memoryview:
+        if type(buf) is PoolBuffer:
             if buf.view is None:
                 raise BlkDeviceError("PoolBuffer is closed")
-            if buf._front is not self:
-                raise BlkDeviceError("PoolBuffer belongs to another device")
-            return offset, buf.view, buf
-        return offset, memoryview(buf).cast("B"), None
+            return buf.view
+        return memoryview(buf).cast("B")
 
     def buffer(self, nbytes: int) -> PoolBuffer:
         """A zero-copy buffer of ``nbytes`` in the shared pool (see :class:`PoolBuffer`)."""
@@ -544,15 +559,15 @@ class BlkFront(RingFrontendDriver):
     async def readinto(self, offset: int, buf) -> int:
         """Fill ``buf`` (any writable buffer, or a :class:`PoolBuffer` for no copy)
         with the disk's bytes at ``offset`` (any alignment)."""
-        offset, view, buf = self._item(offset, buf)
+        view = self._view(buf)
         self._bounds(offset, len(view))
         ss = self.sector_size
         if not offset % ss and not len(view) % ss:
-            await self._aligned_io(BlkifOp.READ, [(offset, view, buf)])
+            await self._aligned_io(BlkifOp.READ, [(offset, buf)])
             return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         tmp = bytearray(end - start)
-        await self._aligned_io(BlkifOp.READ, [(start, memoryview(tmp), None)])
+        await self._aligned_io(BlkifOp.READ, [(start, tmp)])
         view[:] = tmp[offset - start: offset - start + len(view)]
         return len(view)
 
@@ -561,43 +576,29 @@ class BlkFront(RingFrontendDriver):
         await self.readinto(offset, buf)
         return bytes(buf)
 
-    async def _many(self, op: int, items) -> None:
-        checked = []
-        ss = self.sector_size
-        for offset, buf in items:
-            item = self._item(offset, buf)
-            self._bounds(item[0], len(item[1]))
-            if item[0] % ss or len(item[1]) % ss:
-                raise BlkDeviceError(f"read_many/write_many need {ss}-byte aligned offsets "
-                                     f"and lengths (got {item[0]}+{len(item[1])})")
-            checked.append(item)
-        if op == BlkifOp.WRITE and self.readonly:
-            raise BlkDeviceError("the disk is read-only")
-        await self._aligned_io(op, checked)
-
     async def read_many(self, items) -> None:
         """READ into each (offset, buffer) of ``items`` in one go: every request
         is put on the ring before the first answer is awaited (one push, one
         notification), as ``io_submit`` does. Offsets and lengths must be
         sector-aligned; a :class:`PoolBuffer` avoids the copy. Raises one
         BlkDeviceError if any request failed (the others still completed)."""
-        await self._many(BlkifOp.READ, items)
+        await self._aligned_io(BlkifOp.READ, items, check_alignment=True)
 
     async def write_many(self, items) -> None:
         """WRITE each (offset, buffer) of ``items`` in one go (see :meth:`read_many`).
         Like concurrent writes, they may reach the disk in any order."""
-        await self._many(BlkifOp.WRITE, items)
+        await self._aligned_io(BlkifOp.WRITE, items, check_alignment=True)
 
     async def write(self, offset: int, data) -> int:
         """Write ``data`` (any buffer, or a :class:`PoolBuffer` for no copy) at
         ``offset`` (any alignment: edges are read-modify-written)."""
-        offset, view, buf = self._item(offset, data)
+        view = self._view(data)
         self._bounds(offset, len(view))
         if self.readonly:
             raise BlkDeviceError("the disk is read-only")
         ss = self.sector_size
         if not offset % ss and not len(view) % ss:
-            await self._aligned_io(BlkifOp.WRITE, [(offset, view, buf)])
+            await self._aligned_io(BlkifOp.WRITE, [(offset, data)])
             return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         # Read-modify-write of the edge sectors, serialised per sector so
@@ -611,7 +612,7 @@ class BlkFront(RingFrontendDriver):
             await self.readinto(start, memoryview(tmp)[:ss])
             await self.readinto(end - ss, memoryview(tmp)[-ss:])
             tmp[offset - start: offset - start + len(view)] = view
-            await self._aligned_io(BlkifOp.WRITE, [(start, memoryview(tmp), None)])
+            await self._aligned_io(BlkifOp.WRITE, [(start, tmp)])
         finally:
             for lock in reversed(locks):
                 lock.release()
