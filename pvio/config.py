@@ -23,6 +23,7 @@ Example (every key optional; this is the embedded default)::
       size = "64M"
       mode = "w"                          # "r" for read-only
       # sector_size = 4096                # needs a frontend with feature-large-sector-size
+      # busy_poll_us = 200                # spin this long for requests before sleeping (0: off)
 
       [[domain.device]]
       type = "console"                    # a pty; log in data_dir/console/<domain>-<devid>.log
@@ -127,7 +128,7 @@ def _uids(value, where: str) -> set[int] | None:
 
 
 _DEVICE_KEYS = {
-    "vbd": {"image", "size", "mode", "sector_size"},
+    "vbd": {"image", "size", "mode", "sector_size", "busy_poll_us"},
     "vif": {"mac"},
     "console": {"log", "limit"},
 }
@@ -167,6 +168,10 @@ def _device(raw: dict, where: str) -> DeviceConfig:
             raise ConfigError(f"{where}: sector_size must be 512, 1024, 2048 or 4096")
         if opts["size"] % opts["sector_size"]:
             raise ConfigError(f"{where}: size must be a multiple of sector_size")
+        poll = opts.setdefault("busy_poll_us", 200)
+        if not isinstance(poll, (int, float)) or isinstance(poll, bool) or not 0 <= poll <= 10000:
+            raise ConfigError(f"{where}: busy_poll_us must be a number of microseconds "
+                              "in 0..10000 (0 turns busy-polling off)")
     if dtype == "console":
         limit = opts.setdefault("limit", 1 << 20)
         if not isinstance(limit, int) or limit < 64:

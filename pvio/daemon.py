@@ -153,7 +153,8 @@ class Daemon:
             image = os.path.join(self.config.data_dir, dev.options["image"])
             ensure_image(image, dev.options["size"])
             return self.backend_classes["vbd"](domain, image, dev.options["mode"],
-                                               sector_size=dev.options["sector_size"])
+                                               sector_size=dev.options["sector_size"],
+                                               busy_poll_us=dev.options["busy_poll_us"])
         if dev.type == "console":
             log_dir = os.path.join(self.config.data_dir, "console")
             os.makedirs(log_dir, mode=0o700, exist_ok=True)

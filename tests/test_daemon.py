@@ -19,6 +19,7 @@ import uuid
 import pytest
 import trio
 
+from pvio.daemon import Daemon
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
 from pvio.xenbus.client import open_client
@@ -402,3 +403,40 @@ async def test_a_device_that_cannot_be_created_does_not_kill_the_daemon(deadline
             serve.kill()
         assert rc == 0, serve.log
         serve.assert_graceful()
+
+
+# ------------------------------------------------------------ vbd options
+
+
+VBD_POLL = """
+[[domain]]
+name = "g"
+  [[domain.device]]
+  type = "vbd"
+  devid = 51712
+  size = "1M"
+  busy_poll_us = {}
+"""
+
+
+@pytest.mark.parametrize("value", ["0", "200", "12.5"])
+def test_vbd_busy_poll_us_reaches_the_backend(value):
+    from pvio import config as cfg
+    from pvio.backends.blkback import BlkBackend
+
+    parsed = cfg.parse(VBD_POLL.format(value), socket="/tmp/x.sock", data_dir="/tmp/d")
+    (dev,) = parsed.domains["g"].devices
+    assert dev.options["busy_poll_us"] == float(value)
+    with short_tmpdir() as root:
+        daemon = Daemon(cfg.parse(VBD_POLL.format(value), socket=str(root / "xb.sock"),
+                                  data_dir=str(root)))
+        driver = daemon._driver(None, "g", dev)
+        assert isinstance(driver, BlkBackend) and driver.busy_poll_us == float(value)
+
+
+@pytest.mark.parametrize("value", ["-1", "20000", '"fast"', "true"])
+def test_vbd_busy_poll_us_is_checked(value):
+    from pvio import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match="busy_poll_us"):
+        cfg.parse(VBD_POLL.format(value), socket="/tmp/x.sock", data_dir="/tmp/d")
