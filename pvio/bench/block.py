@@ -2,18 +2,17 @@
 
 Three ways to read and write the same image file, measured in the same run:
 
-  pvio     a ``pvio serve`` daemon in its own process (blkback: a trio service
-           doing os.preadv/os.pwritev straight into the granted pool pages, one
-           worker thread per batch) and a BlkFront in this process
-           (``readinto``/``write`` from concurrent trio tasks, one per request
-           in flight)
+  pvio     a ``pvio serve`` daemon in its own process (blkback: its C fast path
+           does os.preadv/os.pwritev straight into and out of the granted pool
+           pages, in the event loop, the image being in memory) and a BlkFront
+           in this process, on PoolBuffers (its zero-copy buffers)
   socket   a request/response block server over a Unix stream socket: an
            asyncio server process (Protocol, every complete request of a
            ``data_received`` parsed with struct, os.pread/os.pwrite per request,
            the answers in one ``writelines``) and, in this process, a trio
-           client with the same ``readinto``/``write`` API as BlkFront that
-           pipelines the requests of all tasks over one socket (id-tagged
-           20-byte requests, 12-byte answers followed by the data)
+           client with BlkFront's API that pipelines the requests of all callers
+           over one socket (id-tagged 20-byte requests, 12-byte answers followed
+           by the data; a batch call sends all its requests in one send)
   pread    os.pread/os.pwrite of the file in a plain loop in this process, no
            second process at all: the Python limit
 
@@ -26,7 +25,10 @@ Workloads (the image is pre-filled so every read hits the page cache):
   seq64k_write      64 KiB sequential writes, --seq-depth in flight (no flush)
 
 pread has no queue: it runs the same one-at-a-time loop in every workload, the
-rate any deeper queue has to compete with.
+rate any deeper queue has to compete with. At Q > 1, pvio and socket keep Q requests
+in flight the same way (--api): by default two tasks each submit Q/2 requests per
+read_many/write_many call (io_submit style); --api tasks runs Q tasks each awaiting
+readinto/write.
 
 The three systems of a workload run in interleaved time slices (--slices), so a
 burst of background load hits all of them alike. Every pvio and socket case
