@@ -42,6 +42,7 @@ BENCHMARKS = {
     "block": "a pvio disk vs in-process os.pread and a Unix-socket block server",
     "console": "console throughput and echo latency vs a plain pty pair and a socketpair",
     "net": "iperf3 TCP and 64-byte frames/s through pvio vs veth and a Python relay",
+    "recovery": "stress: kill -9 the daemon N times under QD32 writes; nothing acknowledged lost",
 }
 
 
