@@ -480,3 +480,148 @@ def test_tcp_through_two_taps(clean_host, family, mode):
         plain = stats["a_frames"] - stats["a_gso"]
         assert stats["written_segments"] >= size // 1448 - plain, stats
         assert stats["b_gso"] == 0 and stats["b_csum_blank"] == 0, stats
+
+
+# ------------------------------------------------------------ the C path: TAP fd -> TX pages
+
+
+def _vnet_reader(nr: int = 64):
+    """netfront's C TX state over private pages, and a SOCK_SEQPACKET pair standing
+    in for a TAP fd (one message per read, as a TAP gives one frame per read)."""
+    import socket
+
+    from pvio.ring._lib import ffi, lib
+
+    pages = bytearray(nr * 4096)
+    keep = {"refs": ffi.new("uint32_t[]", [1000 + i for i in range(nr)]),
+            "free": ffi.new("uint16_t[]", nr), "flight": ffi.new("uint8_t[]", nr),
+            "tx": ffi.new("pvio_netfront_tx *"), "nreq": ffi.new("uint32_t *"),
+            "nbytes": ffi.new("uint64_t *"), "slow_len": ffi.new("uint32_t *"),
+            "why": ffi.new("uint32_t *"), "req": bytearray(12 * nr), "slow": bytearray(70000)}
+    lib.pvio_netfront_tx_init(keep["tx"], nr, keep["free"], keep["flight"],
+                              ffi.from_buffer(pages), keep["refs"])
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r.setblocking(False)
+    for s in (r, w):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    def call(limit=64, free_slots=nr, gso_ok=True, fd=None):
+        sent = lib.pvio_netfront_tx_from_vnet_fd(
+            keep["tx"], r.fileno() if fd is None else fd, limit, free_slots, gso_ok,
+            ffi.from_buffer(keep["req"]), keep["nreq"], keep["nbytes"],
+            ffi.from_buffer(keep["slow"]), len(keep["slow"]), keep["slow_len"], keep["why"])
+        slow = bytes(keep["slow"][:keep["slow_len"][0]]) if keep["why"][0] == lib.PVIO_VNET_SLOW \
+            else None
+        return sent, keep["why"][0], bytes(keep["req"][:12 * keep["nreq"][0]]), slow, \
+            keep["nbytes"][0]
+
+    return keep, pages, r, w, call
+
+
+def _offload_meta(off: Offload) -> tuple[int, int, int]:
+    flags = 3 if off.csum_blank else 2 if off.data_validated else 0
+    return flags, off.gso_type, off.gso_size if off.gso_type else 0
+
+
+def _from_vnet_cases():
+    big = bytes(range(256)) * 250  # 64000 payload bytes
+    tcp4, tcp6 = build(4, TCP, big), build(6, TCP, big)
+    udp4 = build(4, UDP, b"x" * 100)
+    vlan = build(4, TCP, b"y" * 3000, vlan=7)
+    ext6 = build(6, TCP, b"z" * 500, ext=((0, b"\0" * 6), (60, b"\0" * 14)))
+    # (name, raw, fast): fast = the C path must take it itself
+    yield "plain", vnet() + eth(0x88B5, b"\0" * 50), True
+    yield "data_valid", vnet(VIRTIO_NET_HDR_F_DATA_VALID) + udp4.frame, True
+    for name, b in (("tcp4", tcp4), ("tcp6", tcp6), ("udp4", udp4), ("vlan", vlan),
+                    ("ext6", ext6)):
+        yield f"csum_{name}", vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, start=b.l4,
+                                   offset=b.csum_at - b.l4) + seeded(b), True
+        yield f"csum_elsewhere_{name}", vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, start=b.l4 - 2,
+                                             offset=b.csum_at - b.l4 + 2) + seeded(b), False
+    for version, b, virtio in ((4, tcp4, VIRTIO_NET_HDR_GSO_TCPV4),
+                               (6, tcp6, VIRTIO_NET_HDR_GSO_TCPV6)):
+        other = VIRTIO_NET_HDR_GSO_TCPV6 if version == 4 else VIRTIO_NET_HDR_GSO_TCPV4
+        hdr = dict(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, start=b.l4, offset=16, gso_size=1448)
+        yield f"tso{version}", vnet(gso=virtio, **hdr) + seeded(b), True
+        yield f"tso{version}_ecn", vnet(gso=virtio | VIRTIO_NET_HDR_GSO_ECN, **hdr) + seeded(b), \
+            True
+        yield f"tso{version}_wrong_version", vnet(gso=other, **hdr) + seeded(b), False
+        yield f"tso{version}_udp_gso", vnet(gso=UDP_GSO, **hdr) + seeded(b), False
+        yield f"tso{version}_size0", vnet(gso=virtio, **{**hdr, "gso_size": 0}) + seeded(b), \
+            False
+    yield "tso_of_udp", vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, start=udp4.l4,
+                             offset=6, gso_size=1448) + seeded(udp4), False
+    yield "runt", vnet() + b"\0" * 13, False
+    yield "short_header", b"\0" * 7, False
+    yield "icmp_csum", vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, start=34, offset=2) + \
+        eth(0x0800, ipv4(ICMP, b"\0" * 40)), False
+    huge = build(4, TCP, b"h" * 65495)  # IP length 65535: a 65549-byte frame
+    yield "over_65535", vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                             start=huge.l4, offset=16, gso_size=1448) + seeded(huge), False
+
+
+@pytest.mark.parametrize("name, raw, fast", list(_from_vnet_cases()),
+                         ids=[c[0] for c in _from_vnet_cases()])
+def test_c_tap_reader_places_what_from_vnet_would_send(name, raw, fast):
+    """pvio_netfront_tx_from_vnet_fd against the Python path it shortcuts
+    (Tap.from_vnet, then netfront's TX fill): same requests, same page bytes;
+    a frame it leaves to Python comes back byte for byte, its ids untouched."""
+    from pvio.ring._lib import lib
+    from tests.test_netif_c import _tx_put_reference
+
+    keep, pages, _r, w, call = _vnet_reader()
+    w.send(raw)
+    sent, why, req, slow, nbytes = call()
+    if not fast:
+        assert (sent, why, req, slow) == (0, lib.PVIO_VNET_SLOW, b"", raw[:70000])
+        assert keep["tx"].nfree == 64
+        return
+    frames = fake_tap().from_vnet(raw)
+    assert len(frames) == 1
+    assert (sent, why) == (1, lib.PVIO_VNET_EMPTY)
+    want_sent, want_req, want_pages = _tx_put_reference(
+        list(range(63, -1, -1)), [(frames[0].data, *_offload_meta(frames[0].offload))], 64)
+    assert (want_sent, req, nbytes) == (1, want_req, len(frames[0].data))
+    for rid, piece in want_pages.items():
+        assert pages[rid * 4096:rid * 4096 + len(piece)] == piece
+    assert {i for i in range(64) if keep["flight"][i]} == set(want_pages)
+
+
+def test_c_tap_reader_batches_stops_at_limits_and_leaves_frames_it_cannot_place():
+    from pvio.ring._lib import lib
+    from tests.test_netif_c import _tx_put_reference
+
+    keep, _pages, _r, w, call = _vnet_reader(nr=40)
+    b = build(4, TCP, b"q" * 20000)  # 5 pages each
+    raws = [vnet(VIRTIO_NET_HDR_F_DATA_VALID) + bytes(b.frame[:-1]) + bytes([i])
+            for i in range(6)]
+    for raw in raws:
+        w.send(raw)
+    sent, why, req, _, _ = call(limit=2)
+    assert (sent, why) == (2, lib.PVIO_VNET_LIMIT)
+    free = list(range(39, -1, -1))
+    want = _tx_put_reference(free, [(raw[10:], 2, 0, 0) for raw in raws[:2]], 40)
+    assert req == want[1]
+    # a read needs 17 free ids (the largest frame): 30 left take three more frames
+    sent, why, req, _, _ = call()
+    assert (sent, why) == (3, lib.PVIO_VNET_FULL)
+    assert req == _tx_put_reference(free, [(raw[10:], 2, 0, 0) for raw in raws[2:5]], 40)[1]
+    assert keep["tx"].nfree == 15
+    assert call()[:2] == (0, lib.PVIO_VNET_FULL)
+    # the backend answers them all; with too few free slots nothing is read
+    from pvio import netif
+    from pvio.ring._lib import ffi
+
+    answered = [rid for rid in range(40) if keep["flight"][rid]]
+    rsp = b"".join(netif.TX_RSP.pack(rid, 0) for rid in answered)
+    errors, bad_id = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+    assert lib.pvio_netfront_tx_done(keep["tx"], rsp, len(rsp) // 4, errors, bad_id) == 25
+    free.extend(answered)
+    assert call(free_slots=17)[:2] == (0, lib.PVIO_VNET_FULL)
+    sent, why, req, _, nbytes = call()
+    assert (sent, why, nbytes) == (1, lib.PVIO_VNET_EMPTY, len(b.frame))
+    assert req == _tx_put_reference(free, [(raws[5][10:], 2, 0, 0)], 40)[1]
+    # a read error is reported with its errno, nothing placed
+    sent, why, _, _, _ = call(fd=-1)
+    assert (sent, why, keep["slow_len"][0]) == (0, lib.PVIO_VNET_ERROR, 9)  # EBADF

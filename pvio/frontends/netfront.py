@@ -31,6 +31,7 @@ impossible ring index puts the device in an error state (every waiter gets
 from __future__ import annotations
 
 import logging
+import os
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ _first = itemgetter(0)
 _second = itemgetter(1)
 _tuple_new = tuple.__new__  # Frame(data, offload) without NamedTuple's Python-level __new__
 _RX_OFFLOADS: dict[tuple[int, int, int], Offload] = {}
+#: The largest read send_vnet_from_fd hands back (pvio.tap.MAX_READ and more).
+_VNET_SLOW_CAP = 65536 + 10 + 4096
 
 
 def _rx_offload(flags: int, gso_type: int, gso_size: int) -> Offload:
@@ -105,6 +108,14 @@ class _TxState:
         self.nbytes = ffi.new("uint64_t *")
         self.errors = ffi.new("uint32_t *")
         self.bad_id = ffi.new("uint32_t *")
+        self.slow: bytearray | None = None  # send_vnet_from_fd's frame for Python
+        self.p_slow = ffi.NULL
+        self.slow_len = ffi.new("uint32_t *")
+        self.why = ffi.new("uint32_t *")
+
+    @property
+    def slow_v(self) -> memoryview:
+        return memoryview(self.slow)
 
     def release(self) -> None:
         ffi.release(self._pages)
@@ -134,6 +145,7 @@ class _Queue:
     rx_refs_c: object
     backlog: deque = field(default_factory=deque)
     idle: bool = False  # the queue's task sleeps: a new frame must wake it
+    want_room: int = 0  # callers of wait_tx_room: completions must wake the task
     carry: bytes = b""  # rx responses of a packet not wholly published yet
     carry_start: int = 0
     space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
@@ -154,7 +166,7 @@ class _Work:
         if self.tx:
             if q.backlog and q.txc.free and q.tx.free_requests:
                 return 1
-            if q.backlog:  # blocked on ids or slots: ask to be woken by completions
+            if q.backlog or q.want_room:  # blocked on ids or slots: woken by completions
                 work += q.tx.final_check_for_responses()
             # otherwise completions are reclaimed lazily, at the next send (Linux
             # netfront also defers its tx_buf_gc): no wake-up per answered batch
@@ -361,6 +373,63 @@ class NetFront(RingFrontendDriver):
         if queue.backlog:
             self._wake_tx(queue)
 
+    def send_vnet_from_fd(self, fd: int, limit: int = 64) -> tuple[int, int, bytes | None] | None:
+        """Move frames a TAP-like ``fd`` holds (``IFF_VNET_HDR``: a 10-byte
+        ``struct virtio_net_hdr`` before each frame, one frame per read) onto
+        the ring without blocking, each read straight into free TX pages (one C
+        call for the batch; :func:`pvio.tap.Tap.from_vnet`'s mapping of the
+        header). Returns ``(sent, why, raw)``: ``why`` is ``lib.PVIO_VNET_*``
+        (EMPTY: the fd has nothing more; LIMIT: ``limit`` frames sent; FULL: the
+        ring is short of room, use :meth:`send_many`; SLOW: ``raw`` is a frame,
+        header first, that needs :meth:`pvio.tap.Tap.from_vnet` and
+        :meth:`send_many`). None when this path does not apply now (several
+        queues, or frames waiting in the backlog, which must go first)."""
+        self._check()
+        if len(self._q) != 1 or self._q[0].backlog:
+            return None
+        queue = self._q[0]
+        txc = queue.txc
+        try:
+            self._tx_responses(queue)  # reclaim ids first (completions are lazy)
+        except (RingBrokenError, NetDeviceError) as exc:
+            self._fail(exc if isinstance(exc, NetDeviceError)
+                       else NetDeviceError(f"backend broke the protocol: {exc}"))
+            raise self._error from None
+        if txc.slow is None:
+            txc.slow = bytearray(_VNET_SLOW_CAP)
+            txc.p_slow = ffi.from_buffer("uint8_t[]", txc.slow)
+        sent = lib.pvio_netfront_tx_from_vnet_fd(
+            txc.c, fd, limit, queue.tx.free_requests, self._gso_ok, txc.p_req, txc.nreq,
+            txc.nbytes, txc.p_slow, _VNET_SLOW_CAP, txc.slow_len, txc.why)
+        why = txc.why[0]
+        if sent:
+            nreq = txc.nreq[0]
+            self.stats.tx_packets += sent
+            self.stats.tx_bytes += txc.nbytes[0]
+            _, notify = queue.tx.produce(txc.req_v[:nreq * TX_REQ.size])
+            if notify:
+                queue.channels[0].notify()
+            queue.space.unpark_all()
+        if why == lib.PVIO_VNET_ERROR:
+            err = txc.slow_len[0]
+            raise OSError(err, os.strerror(err))
+        raw = bytes(txc.slow_v[:txc.slow_len[0]]) if why == lib.PVIO_VNET_SLOW else None
+        return sent, why, raw
+
+    async def wait_tx_room(self) -> None:
+        """Wait until the backend has answered some transmitted frames (after
+        :meth:`send_vnet_from_fd` said FULL): the ring's task is woken by TX
+        completions meanwhile, which it otherwise reclaims lazily."""
+        self._check()
+        queue = self._q[0]
+        queue.want_room += 1
+        try:
+            self._wake_tx(queue)  # re-run its final check, which now arms rsp_event
+            await queue.space.park()
+        finally:
+            queue.want_room -= 1
+        self._check()
+
     @staticmethod
     def _wake_tx(queue: _Queue) -> None:
         if queue.idle:
@@ -442,6 +511,8 @@ class NetFront(RingFrontendDriver):
         self.stats.tx_errors += txc.errors[0]
         if freed < 0:
             raise NetDeviceError(f"tx response for id {txc.bad_id[0]}, which is not in flight")
+        if queue.want_room:
+            queue.space.unpark_all()
         return n
 
     def _tx_send(self, queue: _Queue) -> int:

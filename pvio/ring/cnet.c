@@ -3,8 +3,10 @@
  * from the peer is checked before it is used (the checks of pvio.netif, which
  * the tests run side by side with these). */
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #define PVIO_NET_PAGE 4096u
 #define PVIO_NET_MAX_TX_SIZE 0xFFFFu
@@ -393,6 +395,191 @@ uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const ui
     *nreq = slots_used;
     *bytes = placed_bytes;
     return fr;
+}
+
+/* The L4 header of a frame as pvio._l4.parse finds it, reading only the first
+ * avail bytes: 1 found (*l4 its offset, *proto, *version), 0 not offloadable,
+ * -1 the headers reach past avail (let the caller decide in Python). */
+static int net_parse_l4(const uint8_t *f, uint32_t avail, uint32_t len, uint32_t *l4_out,
+                        uint32_t *proto_out, uint32_t *version_out)
+{
+    uint32_t l3 = 14, ethertype, proto, l4, version, need;
+#define NEED(n) do { if ((n) > avail) return -1; } while (0)
+    if (len < 14 + 20)
+        return 0;
+    NEED(14);
+    ethertype = (uint32_t)f[12] << 8 | f[13];
+    if (ethertype == 0x8100) {
+        NEED(18);
+        ethertype = (uint32_t)f[16] << 8 | f[17];
+        l3 += 4;
+    }
+    if (ethertype == 0x0800) {
+        uint32_t ihl;
+        NEED(l3 + 1);
+        ihl = (f[l3] & 0xFu) * 4;
+        if (f[l3] >> 4 != 4 || ihl < 20 || len < l3 + ihl)
+            return 0;
+        NEED(l3 + 10);
+        if ((((uint32_t)f[l3 + 6] << 8) | f[l3 + 7]) & 0x3FFF)
+            return 0;
+        proto = f[l3 + 9];
+        l4 = l3 + ihl;
+        version = 4;
+    } else if (ethertype == 0x86DD) {
+        if (len < l3 + 40)
+            return 0;
+        NEED(l3 + 40);
+        if (f[l3] >> 4 != 6)
+            return 0;
+        proto = f[l3 + 6];
+        l4 = l3 + 40;
+        version = 6;
+        while ((proto == 0 || proto == 43 || proto == 60) && len >= l4 + 8) {
+            NEED(l4 + 2);
+            proto = f[l4];
+            l4 += ((uint32_t)f[l4 + 1] + 1) * 8;
+        }
+    } else {
+        return 0;
+    }
+    need = proto == 6 ? 20 : 8;
+    if ((proto != 6 && proto != 17) || len < l4 + need)
+        return 0;
+    NEED(l4 + need);
+#undef NEED
+    *l4_out = l4;
+    *proto_out = proto;
+    *version_out = version;
+    return 1;
+}
+
+#define VNET_HDR_LEN 10u
+#define VNET_MAX_CHUNKS 17u  /* pages for the largest frame a TAP read may give */
+
+/* The TX flags (| gso_type << 16) of a virtio-net-headed frame of len bytes
+ * whose first avail bytes are f, as Tap.from_vnet maps it; -1: not for the
+ * fast path. */
+static int64_t vnet_tx_meta(const uint8_t *hdr, const uint8_t *f, uint32_t avail, uint32_t len,
+                            int gso_ok)
+{
+    uint32_t flags = hdr[0], gso = hdr[1] & ~0x80u, gso_size = net_ld16(hdr + 4);
+    uint32_t csum_start = net_ld16(hdr + 6), csum_offset = net_ld16(hdr + 8);
+    uint32_t csum = flags & 1u, valid = (flags & 2u) || csum, l4 = 0, proto = 0, version = 0;
+    int parsed = 0;
+    if (len < 14 || len > PVIO_NET_MAX_TX_SIZE)
+        return -1;
+    if (csum || gso) {
+        parsed = net_parse_l4(f, avail, len, &l4, &proto, &version);
+        if (parsed < 0)
+            return -1;
+    }
+    if (csum && (!parsed || l4 != csum_start || (proto == 6 ? 16u : 6u) != csum_offset))
+        return -1;  /* a checksum Python finishes */
+    if (gso == 0)
+        return csum ? (NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED) : valid ? NTXF_DATA_VALIDATED : 0;
+    if (!gso_ok || gso_size == 0 || !parsed || proto != 6)
+        return -1;
+    if (gso == 1 && version == 4)
+        return (int64_t)(NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED | NGSO_TCPV4 << 16);
+    if (gso == 4 && version == 6)
+        return (int64_t)(NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED | NGSO_TCPV6 << 16);
+    return -1;
+}
+
+int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_frames,
+                                      uint32_t free_slots, int gso_ok, uint8_t *req,
+                                      uint32_t *nreq, uint64_t *bytes, uint8_t *slow,
+                                      uint32_t slow_cap, uint32_t *slow_len, uint32_t *why)
+{
+    uint32_t placed = 0, slots_used = 0;
+    uint64_t placed_bytes = 0;
+    uint8_t hdr[VNET_HDR_LEN], tail[256];
+    struct iovec iov[VNET_MAX_CHUNKS + 2];
+    *slow_len = 0;
+    for (;;) {
+        uint32_t c, chunks, len, gso, f0;
+        int64_t meta;
+        ssize_t got;
+        if (placed >= max_frames) {
+            *why = PVIO_VNET_LIMIT;
+            break;
+        }
+        if (t->nfree < VNET_MAX_CHUNKS || free_slots - slots_used < VNET_MAX_CHUNKS + 1) {
+            *why = PVIO_VNET_FULL;
+            break;
+        }
+        iov[0].iov_base = hdr;
+        iov[0].iov_len = VNET_HDR_LEN;
+        for (c = 0; c < VNET_MAX_CHUNKS; c++) {  /* the ids tx_put would take, in order */
+            iov[c + 1].iov_base = t->pages + (size_t)t->free_ids[t->nfree - 1 - c] * PVIO_NET_PAGE;
+            iov[c + 1].iov_len = PVIO_NET_PAGE;
+        }
+        iov[VNET_MAX_CHUNKS + 1].iov_base = tail;
+        iov[VNET_MAX_CHUNKS + 1].iov_len = sizeof(tail);
+        do
+            got = readv(fd, iov, VNET_MAX_CHUNKS + 2);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                *why = PVIO_VNET_EMPTY;
+            } else {
+                *why = PVIO_VNET_ERROR;
+                *slow_len = (uint32_t)errno;
+            }
+            break;
+        }
+        len = got >= (ssize_t)VNET_HDR_LEN ? (uint32_t)got - VNET_HDR_LEN : 0;
+        meta = (uint32_t)got < VNET_HDR_LEN ? -1 :
+            vnet_tx_meta(hdr, iov[1].iov_base, len < PVIO_NET_PAGE ? len : PVIO_NET_PAGE, len,
+                         gso_ok);
+        if (meta < 0) {  /* hand the frame, as read, to the caller */
+            uint32_t n = (uint32_t)got, at = 0, i;
+            if (n > slow_cap)
+                n = slow_cap;
+            for (i = 0; i < VNET_MAX_CHUNKS + 2 && at < n; i++) {
+                uint32_t k = (uint32_t)iov[i].iov_len;
+                if (k > n - at)
+                    k = n - at;
+                memcpy(slow + at, iov[i].iov_base, k);
+                at += k;
+            }
+            *slow_len = n;
+            *why = PVIO_VNET_SLOW;
+            break;
+        }
+        chunks = (len + PVIO_NET_PAGE - 1) / PVIO_NET_PAGE;
+        gso = (uint32_t)meta >> 16;
+        f0 = (uint32_t)meta & (NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED);
+        for (c = 0; c < chunks; c++) {
+            uint16_t id = t->free_ids[--t->nfree];
+            uint32_t size = len - c * PVIO_NET_PAGE;
+            uint32_t f = c == 0 ? f0 : 0;
+            if (size > PVIO_NET_PAGE)
+                size = PVIO_NET_PAGE;
+            t->in_flight[id] = 1;
+            if (c < chunks - 1)
+                f |= NTXF_MORE_DATA;
+            if (c == 0 && gso)
+                f |= NTXF_EXTRA_INFO;
+            net_tx_req(req + 12 * slots_used, t->refs[id], 0, (uint16_t)f, id,
+                       (uint16_t)(c == 0 ? len : size));
+            slots_used++;
+            if (c == 0 && gso) {
+                uint8_t *x = req + 12 * slots_used;
+                memset(x, 0, 12);
+                x[0] = NEXTRA_GSO;
+                net_st16(x + 2, net_ld16(hdr + 4));
+                x[4] = (uint8_t)gso;
+                slots_used++;
+            }
+        }
+        placed++;
+        placed_bytes += len;
+    }
+    *nreq = slots_used;
+    *bytes = placed_bytes;
+    return placed;
 }
 
 int64_t pvio_netfront_tx_done(pvio_netfront_tx *t, const uint8_t *rsp, uint32_t n,

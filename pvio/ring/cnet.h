@@ -127,6 +127,31 @@ uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const ui
 int64_t pvio_netfront_tx_done(pvio_netfront_tx *t, const uint8_t *rsp, uint32_t n,
                               uint32_t *errors, uint32_t *bad_id);
 
+/* Why pvio_netfront_tx_from_vnet_fd stopped (its *why). */
+enum {
+    PVIO_VNET_EMPTY = 1,  /* the fd has nothing more to read (EAGAIN) */
+    PVIO_VNET_LIMIT = 2,  /* max_frames placed */
+    PVIO_VNET_FULL = 3,   /* too few free ids or slots for a frame of the largest size */
+    PVIO_VNET_SLOW = 4,   /* a frame the fast path leaves to the caller: it is in slow
+                           * (*slow_len bytes, virtio-net header first) */
+    PVIO_VNET_ERROR = 5   /* the read failed: *slow_len is the errno */
+};
+/* netfront TX from a TAP-like fd (IFF_VNET_HDR, 10-byte struct virtio_net_hdr
+ * before each frame, one frame per read): each frame is read straight into
+ * free TX pages (no copy on the way) and its requests written to req, as
+ * pvio_netfront_tx_put would write them for the frame pvio.tap.Tap.from_vnet
+ * makes of it. Only frames whose mapping needs nothing but header checks take
+ * this path: no offload, DATA_VALID, NEEDS_CSUM at the parsed L4 checksum
+ * field, or TCPV4/TCPV6 GSO (non-zero gso_size, gso_ok set) of a TCP frame of
+ * that IP version, 14..65535 bytes, headers within the first page. Any other
+ * frame stops the call with PVIO_VNET_SLOW and its bytes in slow (slow_cap
+ * bytes at most; its ids stay free). Returns the frames placed; *nreq, *bytes
+ * as for pvio_netfront_tx_put. */
+int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_frames,
+                                      uint32_t free_slots, int gso_ok, uint8_t *req,
+                                      uint32_t *nreq, uint64_t *bytes, uint8_t *slow,
+                                      uint32_t slow_cap, uint32_t *slow_len, uint32_t *why);
+
 /* Why netfront refused the RX responses (pvio_netfront_rx_parse's err[0]). */
 enum {
     PVIO_NETFRONT_RX_LEAVES_PAGE = 1,   /* err: code, slot, offset, status */
