@@ -30,7 +30,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_STRUCTS + _HEADER)
 ffibuilder.set_source(
     "pvio.ring._cring",
-    "#define _GNU_SOURCE\n#include <stdint.h>\n"
+    "#ifndef _GNU_SOURCE\n#define _GNU_SOURCE\n#endif\n#include <stdint.h>\n"
     + _STRUCTS
     + _HEADER
     + _SOURCE,
