@@ -117,8 +117,9 @@ class PoolBuffer:
         self.refs = [front.session.gnttab.grant_access(0, self.frame + i)
                      for i in range(self.npages)]
         self.view = pool.shm.page(self.frame, self.npages)[:nbytes]
-        # (first page, length, sector size) -> the segments of a request
-        self.segs: dict[tuple[int, int, int], bytes] = {}
+        # the segments of a request: sector size -> the whole buffer's;
+        # (first byte, length, sector size) -> a part's
+        self.segs: dict[int | tuple[int, int, int], bytes] = {}
 
     def __len__(self) -> int:
         return len(self.view)
@@ -306,13 +307,17 @@ class BlkFront(RingFrontendDriver):
         (a long call recycles its slots), wake the caller after the last one."""
         waiter = slot.waiter
         if slot.abandoned:
-            pass  # its caller is gone (cancelled): nothing to copy
-        elif status != BlkifRsp.OKAY:
+            slot.abandoned = False  # its caller is gone (cancelled): nothing to copy
+        elif status:
             if waiter.failed is None:
                 waiter.failed = (slot.part, status)
         elif waiter.complete is not None:
             waiter.complete(slot)
-        self._release_slot(slot)
+        slot.op = -1  # free (_release_slot, inline: once per answer)
+        slot.waiter = None
+        self._free.append(slot)
+        if self._slot_waiters:
+            self._slot_waiters.unpark()
         waiter.pending -= 1
         if not waiter.pending:
             waiter.event.set()
@@ -499,9 +504,20 @@ class BlkFront(RingFrontendDriver):
             if check_alignment and (offset % ss or n % ss):
                 raise BlkDeviceError(f"read_many/write_many need {ss}-byte aligned offsets "
                                      f"and lengths (got {offset}+{n})")
+            if not n:
+                continue
             total += n
+            if n <= chunk:  # one request: the common case, kept lean
+                if buf is None:
+                    parts.append((offset, view, None))
+                    continue
+                segs = buf.segs.get(ss)  # the whole buffer
+                if segs is None:
+                    segs = buf.segs[ss] = self._segments(buf.refs, n)
+                parts.append((offset, view, segs))
+                continue
             for pos in range(0, n, chunk):
-                part = view if n <= chunk else view[pos:pos + chunk]
+                part = view[pos:pos + chunk]
                 segs = None
                 if buf is not None:
                     key = (pos, len(part), ss)
@@ -512,7 +528,7 @@ class BlkFront(RingFrontendDriver):
                 parts.append((offset + pos, part, segs))
         if not parts:
             return
-        rw_request = self._rw_request
+        rw_request, pack, pads = self._rw_request, _REQ.pack, _PAD
 
         def build(slot: _Slot, part) -> tuple[bytes, int]:
             offset, view, segs = part
@@ -523,6 +539,9 @@ class BlkFront(RingFrontendDriver):
                     segs = slot.segs[length, ss] = self._segments(slot.refs, length)
                 if write:
                     slot.pages[:length] = view
+            nseg = len(segs) >> 3
+            if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:  # _rw_request's direct case, inline
+                return pack(op, nseg, 0, slot.id, offset // ss) + segs + pads[nseg], op
             return rw_request(slot, op, offset // ss, segs)
 
         def copy_out(slot: _Slot) -> None:
