@@ -406,12 +406,10 @@ class BlkFront(RingFrontendDriver):
                 built = [build(slot, part) for slot, part in zip(taken, wave, strict=True)]
                 by_queue: list[list[bytes]] = [[] for _ in self.rings]
                 seq = self._seq
-                for slot, part, (slot.request, slot.op) in zip(taken, wave, built, strict=True):
+                for slot, part, (request, slot.op) in zip(taken, wave, built, strict=True):
                     seq += 1
-                    slot.seq = seq
-                    slot.part = part
-                    slot.waiter = waiter
-                    by_queue[slot.queue].append(slot.request)
+                    slot.request, slot.seq, slot.part, slot.waiter = request, seq, part, waiter
+                    by_queue[slot.queue].append(request)
                 self._seq = seq
                 for q, reqs in enumerate(by_queue):
                     if not reqs:
