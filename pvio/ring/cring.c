@@ -13,9 +13,12 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
 #include <sched.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 #define PVIO_MB() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define PVIO_WMB() __atomic_thread_fence(__ATOMIC_RELEASE)
@@ -328,6 +331,146 @@ uint32_t pvio_back_final_check(pvio_ring *r)
 int pvio_back_spin(pvio_ring *r, uint32_t spin_ns)
 {
     return spin_while_equal(&r->sring->req_prod, r->cons, spin_ns);
+}
+
+/* ------------------------------------------------------- event channels */
+
+/* An event channel end is an eventfd that both peers share, open file
+ * description (and so O_NONBLOCK) included. None of these calls may block on
+ * the peer's say-so, and none raises a Python exception on the hot path:
+ * they return -errno and the Python wrapper raises. */
+
+/* Clear a pending event: 1 if one was pending, 0 if not, -errno on error.
+ * RWF_NOWAIT keeps the read non-blocking even if the peer cleared O_NONBLOCK. */
+int pvio_evtchn_consume(int fd)
+{
+    uint64_t counter;
+    struct iovec io = {&counter, sizeof counter};
+    ssize_t n = preadv2(fd, &io, 1, -1, RWF_NOWAIT);
+    if (n == (ssize_t)sizeof counter)
+        return 1;
+    if (n >= 0)
+        return -EIO;
+    return errno == EAGAIN ? 0 : -errno;
+}
+
+/* EVTCHNOP_send: add 1 to the peer's eventfd. A counter the peer saturated
+ * means an event is pending already (0, as for a sent one); the write is only
+ * tried when poll says it cannot block, so a peer that cleared O_NONBLOCK
+ * cannot stall us. 0 on success, -errno on error (a closed fd: -EBADF). */
+int pvio_evtchn_send(int fd)
+{
+    struct pollfd p = {fd, POLLOUT, 0};
+    uint64_t one = 1;
+    int rc = poll(&p, 1, 0);
+    if (rc < 0)
+        return -errno;
+    if (p.revents & POLLNVAL)
+        return -EBADF;
+    if (!(p.revents & POLLOUT))
+        return 0;
+    if (write(fd, &one, sizeof one) == (ssize_t)sizeof one)
+        return 0;
+    return errno == EAGAIN ? 0 : -errno;
+}
+
+/* Sleep until the eventfd is readable, then consume the event (as
+ * pvio_evtchn_consume). timeout_ns < 0 waits forever; 0 only looks. Poll comes
+ * first: a sleeper pays poll + read, never a failed read before the poll.
+ * 1: an event was consumed; 0: timed out; -EINTR: a signal arrived (the
+ * caller lets its handlers run and calls again with the time left); -errno:
+ * error. The GIL is released (cffi does for every call). */
+int pvio_evtchn_wait(int fd, int64_t timeout_ns)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    struct timespec ts, *tsp = NULL;
+    uint64_t deadline = 0;
+    int rc;
+    if (timeout_ns >= 0)
+        deadline = now_ns() + (uint64_t)timeout_ns;
+    for (;;) {
+        if (timeout_ns >= 0) {
+            uint64_t now = now_ns();
+            uint64_t left = now < deadline ? deadline - now : 0;
+            ts.tv_sec = (time_t)(left / 1000000000u);
+            ts.tv_nsec = (long)(left % 1000000000u);
+            tsp = &ts;
+        }
+        rc = ppoll(&p, 1, tsp, NULL);
+        if (rc < 0)
+            return -errno;
+        if (rc == 0)
+            return 0;
+        if (p.revents & POLLNVAL)
+            return -EBADF;
+        rc = pvio_evtchn_consume(fd);
+        if (rc != 0)
+            return rc;
+        /* Readable, yet someone else cleared it first: sleep again. */
+    }
+}
+
+/* The consumer's whole sleep (RING_FINAL_CHECK_FOR_*, then the event
+ * channel, then the check again) in one call, so that a wake-up reaches the
+ * caller without a detour through Python: the queue-depth-1 round trip pays
+ * two of them. back selects the end (0: front, waits for responses; 1: back,
+ * waits for requests); fd is the end's own eventfd.
+ *
+ * A wake-up that finds work returns at once and leaves the event in the
+ * eventfd (*stale = 1): reading it would put a syscall between the wake-up
+ * and the caller's work. The next sleep clears it before it arms the event
+ * index and re-checks, so nothing is lost: a notification merged into the
+ * cleared counter was sent after its work was published, and the check that
+ * follows the clearing sees that work.
+ *
+ * Returns PVIO_SLEEP_WORK (work was there, no sleep), PVIO_SLEEP_WOKE_WORK,
+ * PVIO_SLEEP_WOKE_IDLE (an event, but no work: spurious, and cleared), 0 on
+ * timeout, or -errno (-EINTR: a signal; call again). */
+int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int64_t timeout_ns)
+{
+    uint32_t (*check)(pvio_ring *) = back ? pvio_back_final_check : pvio_front_final_check;
+    struct pollfd p = {fd, POLLIN, 0};
+    struct timespec ts, *tsp = NULL;
+    uint64_t deadline = 0;
+    int rc;
+    for (;;) {
+        if (check(r))
+            return PVIO_SLEEP_WORK;
+        if (!*stale)
+            break;
+        rc = pvio_evtchn_consume(fd);
+        if (rc < 0)
+            return rc;
+        *stale = 0;
+    }
+    if (timeout_ns >= 0)
+        deadline = now_ns() + (uint64_t)timeout_ns;
+    for (;;) {
+        if (timeout_ns >= 0) {
+            uint64_t now = now_ns();
+            uint64_t left = now < deadline ? deadline - now : 0;
+            ts.tv_sec = (time_t)(left / 1000000000u);
+            ts.tv_nsec = (long)(left % 1000000000u);
+            tsp = &ts;
+        }
+        rc = ppoll(&p, 1, tsp, NULL);
+        if (rc < 0)
+            return -errno;
+        if (rc == 0)
+            return 0;
+        if (p.revents & POLLNVAL)
+            return -EBADF;
+        *stale = 1;
+        if (check(r))
+            return PVIO_SLEEP_WOKE_WORK;
+        rc = pvio_evtchn_consume(fd);
+        if (rc < 0)
+            return rc;
+        *stale = 0;
+        if (rc > 0)
+            return PVIO_SLEEP_WOKE_IDLE;
+        /* Readable, yet someone else cleared it first: sleep again. */
+    }
 }
 
 /* ----------------------------------------------------------- byte rings */

@@ -79,6 +79,18 @@ int pvio_request_cons_overflow(uint32_t cons, uint32_t rsp_prod_pvt, uint32_t nr
 int pvio_request_prod_overflow(uint32_t prod, uint32_t rsp_prod_pvt, uint32_t nr_ents);
 int pvio_response_prod_overflow(uint32_t prod, uint32_t rsp_cons, uint32_t nr_ents);
 
+/* Event channels on a shared eventfd: never block on the peer's say-so;
+ * 0/1 or -errno (see cring.c). */
+int pvio_evtchn_consume(int fd);
+int pvio_evtchn_send(int fd);
+int pvio_evtchn_wait(int fd, int64_t timeout_ns);
+/* RING_FINAL_CHECK_FOR_* plus the sleep on the end's eventfd, in one call;
+ * *stale: the eventfd may hold an event a wake-up left unread (see cring.c). */
+#define PVIO_SLEEP_WORK 1
+#define PVIO_SLEEP_WOKE_WORK 2
+#define PVIO_SLEEP_WOKE_IDLE 3
+int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int64_t timeout_ns);
+
 /* Byte rings (console.h, ring.h flex rings). */
 void pvio_bytering_attach(pvio_bytering *b, uint8_t *buf, uint32_t size,
                           uint32_t *prod, uint32_t *cons, int writer);

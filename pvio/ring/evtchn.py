@@ -21,9 +21,8 @@ after consecutive empty windows, so an idle daemon uses no CPU.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
-import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,9 +30,22 @@ from dataclasses import dataclass, field
 import trio
 
 from pvio.layouts import EVTCHN_2L_NR_CHANNELS, EvtchnStatus
+from pvio.ring._lib import ffi, lib
 from pvio.ring.errors import LocalProtocolError
 
-_preadv = os.preadv  # bound once: tests that fake os.preadv for disk I/O leave us alone
+# The eventfd work is one C call each (GIL released, no exception on EAGAIN):
+# a sleep and a wake-up sit on every queue-depth-1 round trip.
+_consume = lib.pvio_evtchn_consume
+_send = lib.pvio_evtchn_send
+_wait = lib.pvio_evtchn_wait
+_ring_sleep = lib.pvio_ring_sleep
+_EINTR = -errno.EINTR
+_SLEEP_WORK = lib.PVIO_SLEEP_WORK
+_SLEEP_WOKE_WORK = lib.PVIO_SLEEP_WOKE_WORK
+
+
+def _oserror(rc: int) -> OSError:
+    return OSError(-rc, os.strerror(-rc))
 
 
 def _new_eventfd() -> int:
@@ -60,11 +72,9 @@ class EventChannel:
         self.throttled = 0  # times a flood of those made us pause
         self._idle_wakes = 0  # consecutive wake-ups without work
         self._closed = False
-        self._poller = select.poll()  # registered once: waits are on the hot path
-        self._poller.register(local_fd, select.POLLIN)
-        self._out_poller = select.poll()
-        self._out_poller.register(remote_fd, select.POLLOUT)
-        self._counter = bytearray(8)
+        # Set by a ring sleep whose wake-up left the event unread (cring.c,
+        # pvio_ring_sleep): anything that reads the eventfd clears it.
+        self._stale = ffi.new("int *")
         for fd in (local_fd, remote_fd):
             os.set_blocking(fd, False)
 
@@ -76,9 +86,9 @@ class EventChannel:
         sent event, not an error), and a peer that made the fd blocking gets
         its notification skipped rather than stalling us (POLLOUT is checked
         first; the fd was made non-blocking when bound)."""
-        if self._out_poller.poll(0):
-            with contextlib.suppress(BlockingIOError):  # saturated: an event is pending
-                os.eventfd_write(self.remote_fd, 1)
+        rc = _send(self.remote_fd)
+        if rc:
+            raise _oserror(rc)
         self.sent += 1
 
     def set_pending(self) -> None:
@@ -91,12 +101,14 @@ class EventChannel:
         ``RWF_NOWAIT`` makes the read non-blocking even if the peer, who shares
         the fd, cleared ``O_NONBLOCK`` on it (a blocking read would stall our
         whole event loop)."""
-        try:
-            _preadv(self.local_fd, [self._counter], -1, os.RWF_NOWAIT)
-        except BlockingIOError:
+        rc = _consume(self.local_fd)
+        self._stale[0] = 0
+        if rc > 0:
+            self.received += 1
+            return True
+        if rc == 0:
             return False
-        self.received += 1
-        return True
+        raise _oserror(rc)
 
     #: After this many consecutive wake-ups that found no work, each further
     #: one costs the waiter a pause of SPURIOUS_PAUSE seconds (xenconsoled's
@@ -120,19 +132,35 @@ class EventChannel:
         return self.SPURIOUS_PAUSE
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
-        """Block until an event is pending (and clear it); False on timeout."""
-        if timeout is None:
-            while True:
-                self._poller.poll()
-                if self.consume():
-                    return True
-        deadline = time.monotonic() + timeout
-        while not self.consume():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._poller.poll(max(1, int(remaining * 1000)))
-        return True
+        """Block until an event is pending (and clear it); False on timeout.
+
+        One C call sleeps in poll and clears the event (GIL released). A
+        signal interrupts it: its Python handler runs (and may raise) before
+        the wait resumes with the time left, as for any blocking call (PEP 475).
+        """
+        if self._sleep(_wait, (self.local_fd,), timeout):
+            self._stale[0] = 0
+            self.received += 1
+            return True
+        return False
+
+    def _sleep(self, fn, args: tuple, timeout: float | None) -> int:
+        """Run the C sleep ``fn(*args, timeout_ns)``: its result (>= 0).
+
+        A signal (-EINTR) lets Python run its handlers (which may raise)
+        and resumes with the time left; other errors raise OSError."""
+        ns = -1 if timeout is None else max(0, int(timeout * 1e9))
+        rc = fn(*args, ns)
+        if rc >= 0:
+            return rc
+        deadline = 0 if timeout is None else time.monotonic_ns() + ns
+        while rc == _EINTR:
+            if timeout is not None:
+                ns = max(0, deadline - time.monotonic_ns())
+            rc = fn(*args, ns)
+        if rc < 0:
+            raise _oserror(rc)
+        return rc
 
     async def wait(self) -> None:
         """Wait (trio) until an event is pending, and clear it."""
@@ -289,12 +317,27 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
     sends nothing), then ``final_check`` arms the event index and re-checks,
     and only then sleep on the event channel. Returns False on timeout.
     """
-    if (poll is not None and poll.spin(end)) or _final_check(end):
+    if poll is not None and poll.spin(end):
         channel.note_work()
         return True
-    if not channel.wait_blocking(timeout):
+    ring = getattr(end, "_sleep_args", None)
+    if ring is not None:  # a ring end: check, sleep and check again in one C call
+        rc = channel._sleep(_ring_sleep, (*ring, channel.local_fd, channel._stale), timeout)
+        if rc == _SLEEP_WORK:
+            channel.note_work()
+            return True
+        if not rc:
+            return False
+        channel.received += 1
+        work = rc == _SLEEP_WOKE_WORK
+    elif _final_check(end):
+        channel.note_work()
+        return True
+    elif not channel.wait_blocking(timeout):
         return False
-    if _final_check(end):
+    else:
+        work = _final_check(end)
+    if work:
         channel.note_work()
         if poll is not None:
             poll.woke_with_work()  # only a wake that found work re-enables spinning

@@ -39,6 +39,8 @@ from pvio.ring._lib import ffi, lib, pin_buffer
 from pvio.ring.errors import LocalProtocolError, RingBrokenError
 
 U32 = 0xFFFFFFFF
+_U8 = ffi.typeof("uint8_t[]")
+_from_buffer = ffi.from_buffer
 
 _ERRORS = {
     lib.PVIO_RING_E_REQ_PROD_OVERFLOW: "request producer index overflows the ring "
@@ -117,6 +119,7 @@ class _RingEnd:
 
     _in_size: int
     _out_size: int
+    _BACK: int  # 0: the front end, 1: the back end (for the C sleep)
 
     def __init__(self, spec: RingSpec, buf, start: int) -> None:
         self.spec = spec
@@ -131,6 +134,9 @@ class _RingEnd:
         self._staging = bytearray(self._r.nr_ents * self._in_size)
         self._staging_ptr = ffi.from_buffer("uint8_t[]", self._staging)
         self._staging_view = memoryview(self._staging)
+        # What pvio.ring.evtchn's waiters pass to the C sleep (pvio_ring_sleep).
+        self._sleep_args = (self._r, self._BACK)
+        self._nr_ents = self._r.nr_ents
 
     def release(self) -> None:
         """Drop this end's hold on the shared memory (so it can be unmapped);
@@ -158,15 +164,18 @@ class _RingEnd:
         )
 
     def _items(self, data) -> tuple[object, int]:
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        ptr = _from_buffer(_U8, data)
+        size = len(ptr)  # bytes, whatever the item format of a memoryview
         if size % self._out_size:
             raise LocalProtocolError(
                 f"{size} bytes is not a whole number of {self._out_size}-byte items"
             )
-        return ffi.from_buffer("uint8_t[]", data), size // self._out_size
+        return ptr, size // self._out_size
 
     def _take(self, fn, max_items: int | None) -> memoryview:
-        limit = self._r.nr_ents if max_items is None else min(max_items, self._r.nr_ents)
+        limit = self._nr_ents
+        if max_items is not None and max_items < limit:
+            limit = max_items
         n = fn(self._r, self._staging_ptr, limit, self._in_size)
         if n < 0:
             self._raise_broken()
@@ -183,6 +192,8 @@ class _RingEnd:
 
 class FrontRing(_RingEnd):
     """The frontend (requester) end of a ring: produces requests, consumes responses."""
+
+    _BACK = 0
 
     def __init__(self, spec: RingSpec, buf, *, start: int = 0) -> None:
         self._in_size, self._out_size = spec.rsp_size, spec.req_size
@@ -256,6 +267,8 @@ class FrontRing(_RingEnd):
 
 class BackRing(_RingEnd):
     """The backend (responder) end of a ring: consumes requests, produces responses."""
+
+    _BACK = 1
 
     def __init__(self, spec: RingSpec, buf, *, start: int = 0) -> None:
         self._in_size, self._out_size = spec.req_size, spec.rsp_size
