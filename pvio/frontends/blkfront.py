@@ -327,6 +327,7 @@ class BlkFront(RingFrontendDriver):
         slots = self._slots
         poll = BusyPoll(self.busy_poll_us) if self.busy_poll_us > 0 else None
         statistics = trio.lowlevel.current_statistics
+        answered = False
         with scope:
             while True:
                 try:
@@ -336,9 +337,16 @@ class BlkFront(RingFrontendDriver):
                     self._fail_all(str(exc))
                     return
                 if not batch:
+                    if answered and poll is not None:
+                        # Let the callers just answered run first: they often
+                        # submit more at once, and then spinning costs nobody.
+                        answered = False
+                        await trio.lowlevel.checkpoint()
+                        continue
                     idle = poll is not None and not statistics().tasks_runnable
                     await wait_for_work(ring, channel, poll if idle else None)
                     continue
+                answered = True
                 nslots, answer = len(slots), self._answer
                 for rid, op, status in blkif.RSP.iter_unpack(batch):
                     slot = slots[rid] if rid < nslots else None
