@@ -167,6 +167,7 @@ class BlkFront(RingFrontendDriver):
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
         self._slot_waiters = trio.lowlevel.ParkingLot()  # callers waiting for a free slot
+        self._slots_wanted = 0  # how many (cheaper to test than the ParkingLot)
         self._data_pages = 0
         self._services: list[trio.CancelScope] = []
         self._online = trio.Event()
@@ -316,7 +317,7 @@ class BlkFront(RingFrontendDriver):
         slot.op = -1  # free (_release_slot, inline: once per answer)
         slot.waiter = None
         self._free.append(slot)
-        if self._slot_waiters:
+        if self._slots_wanted:
             self._slot_waiters.unpark()
         waiter.pending -= 1
         if not waiter.pending:
@@ -379,7 +380,11 @@ class BlkFront(RingFrontendDriver):
         submitted, so concurrent callers cannot starve each other."""
         free = self._free
         while not free:
-            await self._slot_waiters.park()
+            self._slots_wanted += 1
+            try:
+                await self._slot_waiters.park()
+            finally:
+                self._slots_wanted -= 1
         taken = free[-want:]
         del free[-want:]
         return taken
@@ -446,7 +451,7 @@ class BlkFront(RingFrontendDriver):
         slot.abandoned = False
         slot.waiter = None
         self._free.append(slot)
-        if self._slot_waiters:
+        if self._slots_wanted:
             self._slot_waiters.unpark()
 
     def _segments(self, refs: list[int], length: int) -> bytes:
@@ -495,6 +500,7 @@ class BlkFront(RingFrontendDriver):
         ss, size = self.sector_size, self.size
         parts = []  # (offset, view, segments: a PoolBuffer's, or None for the slot's pages)
         total = 0
+        copies = False  # some part goes through the slots' pages
         for offset, buf in items:
             if type(buf) is PoolBuffer:
                 view = buf.view
@@ -516,12 +522,14 @@ class BlkFront(RingFrontendDriver):
             if n <= chunk:  # one request: the common case, kept lean
                 if buf is None:
                     parts.append((offset, view, None))
+                    copies = True
                     continue
                 segs = buf.segs.get(ss)  # the whole buffer
                 if segs is None:
                     segs = buf.segs[ss] = self._segments(buf.refs, n)
                 parts.append((offset, view, segs))
                 continue
+            copies = copies or buf is None
             for pos in range(0, n, chunk):
                 part = view[pos:pos + chunk]
                 segs = None
@@ -555,8 +563,7 @@ class BlkFront(RingFrontendDriver):
             if segs is None:  # a PoolBuffer's pages already hold the data
                 view[:] = slot.pages[:len(view)]
 
-        zero_copy = all(segs is not None for _, _, segs in parts)
-        waiter = await self._run(parts, build, None if write or zero_copy else copy_out)
+        waiter = await self._run(parts, build, copy_out if copies and not write else None)
         if waiter.failed is not None:
             (offset, view, _), status = waiter.failed
             why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
