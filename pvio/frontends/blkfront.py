@@ -75,8 +75,9 @@ class _Waiter:
 
 
 class _Slot:
-    __slots__ = ("abandoned", "frame", "id", "indirect_frame", "indirect_ref", "indirect_segs",
-                 "op", "pages", "part", "queue", "refs", "request", "segs", "seq", "waiter")
+    __slots__ = ("abandoned", "buf", "frame", "id", "indirect_frame", "indirect_ref",
+                 "indirect_segs", "op", "pages", "part", "queue", "refs", "request", "segs", "seq",
+                 "waiter")
 
     def __init__(self, sid: int, frame: int, refs: list[int], indirect: tuple[int, int],
                  pages: memoryview) -> None:
@@ -90,6 +91,7 @@ class _Slot:
         self.op = -1  # -1: free; else outstanding (on the ring, or to resubmit)
         self.waiter: _Waiter | None = None
         self.part = None  # what the caller asked for
+        self.buf: PoolBuffer | None = None  # the PoolBuffer its request names
         self.request = b""  # the shadow: resubmitted as-is after a reconnect
         self.seq = 0
         self.queue = 0
@@ -120,6 +122,8 @@ class PoolBuffer:
         # the segments of a request: sector size -> the whole buffer's;
         # (first byte, length, sector size) -> a part's
         self.segs: dict[int | tuple[int, int, int], bytes] = {}
+        self.in_flight = 0  # requests naming its grants, not answered yet
+        self._closing = False
 
     def __len__(self) -> int:
         return len(self.view)
@@ -133,13 +137,35 @@ class PoolBuffer:
     def close(self) -> None:
         """Revoke the grants and return the pages (quarantined if the backend
         still has one pinned, as Linux does with a grant it cannot end).
-        Close it only when no request that uses it is in flight."""
+
+        Safe at any time, e.g. when a call using it was cancelled: while
+        requests naming it are in flight the view goes away at once, but the
+        grants stay until the last of them is answered (else the backend could
+        later write a stale read into whoever reuses the pages)."""
         if self.view is None:
             return
         self.view.release()
         self.view = None
-        pool = self._front.session.pool
-        if all([self._front.session.gnttab.end_access(r) for r in self.refs]):
+        if self.in_flight:
+            self._closing = True
+        else:
+            self._return_pages()
+
+    def _answered(self) -> None:
+        """A request naming this buffer was answered (or never submitted)."""
+        self.in_flight -= 1
+        if self._closing and not self.in_flight:
+            self._closing = False
+            self._return_pages()
+
+    def _return_pages(self) -> None:
+        front = self._front
+        pool = front.session.pool
+        if front.error is not None:
+            # A failed device's backend may still hold requests naming these
+            # grants: keep them granted (never reused) and the pages aside.
+            pool.quarantine(self.frame, self.npages)
+        elif all([front.session.gnttab.end_access(r) for r in self.refs]):
             pool.free(self.frame, self.npages)
         else:
             pool.quarantine(self.frame, self.npages)
@@ -172,7 +198,7 @@ class BlkFront(RingFrontendDriver):
         self._services: list[trio.CancelScope] = []
         self._online = trio.Event()
         self._seq = 0
-        self._rmw_locks: dict[int, trio.Lock] = {}
+        self._rmw_locks: dict[int, list] = {}  # sector -> [trio.Lock, users]
         self.stats = {"requests": 0, "bytes": 0, "notifications": 0, "resubmitted": 0,
                       "reconnects": 0}
 
@@ -218,6 +244,7 @@ class BlkFront(RingFrontendDriver):
 
     async def attach(self, backend: dict[str, bytes | None]) -> None:
         await super().attach(backend)
+        previous = self.sector_size
         self.sectors = _num(backend.get("sectors"))
         self.sector_size = _num(backend.get("sector-size"), 512)
         self.readonly = bool(_num(backend.get("info")) & VDISK_READONLY)
@@ -229,6 +256,11 @@ class BlkFront(RingFrontendDriver):
             self.error = f"backend published a bad sector-size {self.sector_size}"
             raise BlkDeviceError(self.error)
         self.error = None
+        if self.sector_size != previous and any(slot.op >= 0 for slot in self._slots):
+            # The shadows count sectors in the old unit: replaying them would
+            # write acknowledged data at the wrong offsets.
+            self._fail_all(f"the backend came back with {self.sector_size}-byte sectors "
+                           f"instead of {previous}; the requests in flight were not replayed")
         self._services = [trio.CancelScope() for _ in self.rings]
         for q, scope in enumerate(self._services):
             self.session._nursery.start_soon(self._responses, scope, q)
@@ -308,17 +340,17 @@ class BlkFront(RingFrontendDriver):
         (a long call recycles its slots), wake the caller after the last one."""
         waiter = slot.waiter
         if slot.abandoned:
-            slot.abandoned = False  # its caller is gone (cancelled): nothing to copy
+            pass  # its caller is gone (cancelled): nothing to copy
         elif status:
             if waiter.failed is None:
                 waiter.failed = (slot.part, status)
         elif waiter.complete is not None:
-            waiter.complete(slot)
-        slot.op = -1  # free (_release_slot, inline: once per answer)
-        slot.waiter = None
-        self._free.append(slot)
-        if self._slots_wanted:
-            self._slot_waiters.unpark()
+            try:
+                waiter.complete(slot)
+            except Exception:  # e.g. the caller's buffer went away: that call fails
+                if waiter.failed is None:
+                    waiter.failed = (slot.part, BlkifRsp.ERROR)
+        self._release_slot(slot)
         waiter.pending -= 1
         if not waiter.pending:
             waiter.event.set()
@@ -424,15 +456,12 @@ class BlkFront(RingFrontendDriver):
                     slot.request, slot.seq, slot.part, slot.waiter = request, seq, part, waiter
                     by_queue[slot.queue].append(request)
                 self._seq = seq
-                for q, reqs in enumerate(by_queue):
-                    if not reqs:
-                        continue
-                    put, notify = self.rings[q].produce(b"".join(reqs))
-                    assert put == len(reqs)
-                    if notify:
-                        self.queues[q].channel.notify()
-                        self.stats["notifications"] += 1
-                unsubmitted = []
+                notify = [q for q, reqs in enumerate(by_queue)
+                          if reqs and self.rings[q].produce(b"".join(reqs))[1]]
+                unsubmitted = []  # on the ring: only their answers free them now
+                for q in notify:
+                    self.queues[q].channel.notify()
+                    self.stats["notifications"] += 1
             await waiter.event.wait()
             self.stats["requests"] += len(slots)
             return waiter
@@ -447,6 +476,10 @@ class BlkFront(RingFrontendDriver):
             raise
 
     def _release_slot(self, slot: _Slot) -> None:
+        buf = slot.buf
+        if buf is not None:
+            slot.buf = None
+            buf._answered()
         slot.op = -1
         slot.abandoned = False
         slot.waiter = None
@@ -454,12 +487,14 @@ class BlkFront(RingFrontendDriver):
         if self._slots_wanted:
             self._slot_waiters.unpark()
 
-    def _segments(self, refs: list[int], length: int) -> bytes:
+    @staticmethod
+    def _segments(refs: list[int], length: int, ss: int) -> bytes:
         """The packed ``blkif_request_segment`` array for ``length`` bytes through
-        the pages granted by ``refs`` (whole pages, the last one partly)."""
+        the pages granted by ``refs`` (whole pages, the last one partly), in
+        ``ss``-byte sectors."""
         nseg = -(-length // XEN_PAGE_SIZE)
-        full = XEN_PAGE_SIZE // self.sector_size - 1
-        tail = (length - (nseg - 1) * XEN_PAGE_SIZE) // self.sector_size - 1
+        full = XEN_PAGE_SIZE // ss - 1
+        tail = (length - (nseg - 1) * XEN_PAGE_SIZE) // ss - 1
         pack = blkif.SEGMENT.pack
         return b"".join([pack(refs[i], 0, full) for i in range(nseg - 1)]) \
             + pack(refs[nseg - 1], 0, tail)
@@ -498,7 +533,9 @@ class BlkFront(RingFrontendDriver):
             raise BlkDeviceError("the disk is read-only")
         chunk = self._max_request_bytes()
         ss, size = self.sector_size, self.size
-        parts = []  # (offset, view, segments: a PoolBuffer's, or None for the slot's pages)
+        # (offset, view, segments, PoolBuffer), or (offset, view, None, None) for
+        # data that goes through the slot's pages
+        parts = []
         total = 0
         copies = False  # some part goes through the slots' pages
         for offset, buf in items:
@@ -521,13 +558,13 @@ class BlkFront(RingFrontendDriver):
             total += n
             if n <= chunk:  # one request: the common case, kept lean
                 if buf is None:
-                    parts.append((offset, view, None))
+                    parts.append((offset, view, None, None))
                     copies = True
                     continue
                 segs = buf.segs.get(ss)  # the whole buffer
                 if segs is None:
-                    segs = buf.segs[ss] = self._segments(buf.refs, n)
-                parts.append((offset, view, segs))
+                    segs = buf.segs[ss] = self._segments(buf.refs, n, ss)
+                parts.append((offset, view, segs, buf))
                 continue
             copies = copies or buf is None
             for pos in range(0, n, chunk):
@@ -538,19 +575,24 @@ class BlkFront(RingFrontendDriver):
                     segs = buf.segs.get(key)
                     if segs is None:
                         segs = buf.segs[key] = self._segments(buf.refs[pos // XEN_PAGE_SIZE:],
-                                                              len(part))
-                parts.append((offset + pos, part, segs))
+                                                              len(part), ss)
+                parts.append((offset + pos, part, segs, buf))
         if not parts:
             return
         rw_request, pack, pads = self._rw_request, _REQ.pack, _PAD
 
         def build(slot: _Slot, part) -> tuple[bytes, int]:
-            offset, view, segs = part
-            if segs is None:
+            offset, view, segs, buf = part
+            if self.sector_size != ss:  # reconnected to a disk with other sectors meanwhile
+                raise BlkDeviceError("the disk's sector size changed during the call")
+            if buf is not None:
+                buf.in_flight += 1
+                slot.buf = buf
+            elif segs is None:
                 length = len(view)
                 segs = slot.segs.get((length, ss))
                 if segs is None:
-                    segs = slot.segs[length, ss] = self._segments(slot.refs, length)
+                    segs = slot.segs[length, ss] = self._segments(slot.refs, length, ss)
                 if write:
                     slot.pages[:length] = view
             nseg = len(segs) >> 3
@@ -559,13 +601,13 @@ class BlkFront(RingFrontendDriver):
             return rw_request(slot, op, offset // ss, segs)
 
         def copy_out(slot: _Slot) -> None:
-            _, view, segs = slot.part
+            _, view, segs, _ = slot.part
             if segs is None:  # a PoolBuffer's pages already hold the data
                 view[:] = slot.pages[:len(view)]
 
         waiter = await self._run(parts, build, copy_out if copies and not write else None)
         if waiter.failed is not None:
-            (offset, view, _), status = waiter.failed
+            (offset, view, _, _), status = waiter.failed
             why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
             raise BlkDeviceError(f"{'write' if write else 'read'} at {offset}+{len(view)}: "
                                  f"{why}")
@@ -635,22 +677,31 @@ class BlkFront(RingFrontendDriver):
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         # Read-modify-write of the edge sectors, serialised per sector so
         # that concurrent small writes to one sector do not undo each other.
+        # An entry is [lock, users] and goes away when its last user is done,
+        # so every writer of a sector always meets the same lock.
         edges = sorted({start, end - ss})
-        locks = [self._rmw_locks.setdefault(sector, trio.Lock()) for sector in edges]
-        for lock in locks:
-            await lock.acquire()
+        entries = []
+        for sector in edges:
+            entry = self._rmw_locks.setdefault(sector, [trio.Lock(), 0])
+            entry[1] += 1
+            entries.append(entry)
+        held: list[trio.Lock] = []
         try:
+            for entry in entries:
+                await entry[0].acquire()
+                held.append(entry[0])
             tmp = bytearray(end - start)
             await self.readinto(start, memoryview(tmp)[:ss])
             await self.readinto(end - ss, memoryview(tmp)[-ss:])
             tmp[offset - start: offset - start + len(view)] = view
             await self._aligned_io(BlkifOp.WRITE, [(start, tmp)])
         finally:
-            for lock in reversed(locks):
+            for lock in reversed(held):
                 lock.release()
-            for sector, lock in zip(edges, locks, strict=True):
-                if not lock.locked() and not lock.statistics().tasks_waiting:
-                    self._rmw_locks.pop(sector, None)
+            for sector, entry in zip(edges, entries, strict=True):
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._rmw_locks[sector]
         return len(view)
 
     async def _one(self, build) -> int:

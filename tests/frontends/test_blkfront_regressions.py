@@ -83,3 +83,146 @@ async def test_lost_daemon_without_reconnect_fails_pending_calls_instead_of_hang
                 assert "daemon" in str(outcome[0]) or "not connected" in str(outcome[0])
         finally:
             serve.proc.wait(timeout=20) if serve.proc.poll() is not None else serve.stop()
+
+
+def _slow_backend(monkeypatch, seconds: float) -> None:
+    """Every batch sits ``seconds`` in blkback's worker thread."""
+    real_io = BlkBackend._io
+
+    def slow_io(self, plans):
+        time.sleep(seconds)
+        return real_io(self, plans)
+
+    monkeypatch.setattr(BlkBackend, "inline_io", False)
+    monkeypatch.setattr(BlkBackend, "_io", slow_io)
+
+
+async def _attached(session) -> BlkFront:
+    front = BlkFront(session)
+    device = await session.attach(front, 1, BLK_KEYS)
+    with trio.fail_after(10):
+        await device.connected.wait()
+    return front
+
+
+async def test_cancel_while_waiting_for_the_second_edge_lock_releases_the_first(monkeypatch):
+    """An unaligned write took its first edge-sector lock, then waited for the
+    second one outside the try: cancelled there, it never released the first,
+    and every later write to that sector hung."""
+    _slow_backend(monkeypatch, 0.3)
+    async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
+        front = await _attached(s)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front.write, 4097, b"w")  # holds sector 4096 for a while
+            await trio.sleep(0.05)
+            with trio.move_on_after(0.05) as scope:
+                await front.write(4000, b"c" * 200)  # takes 3584, waits for 4096
+            assert scope.cancelled_caught
+        with trio.fail_after(5):
+            await front.write(3585, b"z")  # sector 3584 only
+        assert front._rmw_locks == {}
+
+
+async def test_a_sector_lock_is_not_replaced_while_a_writer_still_holds_it(monkeypatch):
+    """A sector's lock was dropped from the table when nobody held or awaited
+    it, although a writer had already taken a reference to it (it was waiting
+    for its other edge): the next writer got a fresh lock, and two
+    read-modify-writes of one sector ran at once, losing an update."""
+    _slow_backend(monkeypatch, 0.2)
+    async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
+        front = await _attached(s)
+        await front.write(0, bytes(8192))
+        s1, s2 = 3584, 4096
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front.write, s2 + 2, b"b")  # holds s2
+            await trio.sleep(0.1)
+            nursery.start_soon(front.write, s1 + 1, b"a")  # holds s1, longer
+            await trio.sleep(0.01)
+            nursery.start_soon(front.write, s1 + 500, b"c" * 20)  # edges s1 and s2
+            await trio.sleep(0.01)
+            lock = front._rmw_locks[s2][0]
+            with trio.fail_after(5):
+                while front._rmw_locks[s2][0] is lock and lock.locked():
+                    await trio.sleep(0.005)  # the first writer of s2 is done
+            assert front._rmw_locks[s2][0] is lock  # still the lock the third writer holds
+            nursery.start_soon(front.write, s2 + 100, b"d")
+        got = await front.read(s1, 1024)  # "b" at s2+2 was overwritten by the c's
+        assert got[1:2] == b"a" and got[500:520] == b"c" * 20
+        assert got[512 + 100:512 + 101] == b"d"
+
+
+async def test_a_closed_pool_buffer_keeps_its_grants_until_its_requests_are_answered(
+        monkeypatch):
+    """Closing a PoolBuffer whose read was cancelled while still on the ring
+    ended its grants and freed its pages at once; the next buffer() got the
+    same grant ref and frame, and the backend, serving the stale read later,
+    wrote the disk's bytes into that other buffer."""
+    async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
+        front = await _attached(s)
+        await front.write(0, b"D" * 4096)
+        _slow_backend(monkeypatch, 0.3)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(front.read, 8192, 4096)  # keeps the backend busy
+            await trio.sleep(0.02)
+            with front.buffer(4096) as old:
+                with trio.move_on_after(0.05) as scope:
+                    await front.readinto(0, old)  # on the ring, not yet served
+                assert scope.cancelled_caught
+            assert old.in_flight == 1 and old.view is None
+            new = front.buffer(4096)
+            assert new.refs != old.refs and new.frame != old.frame
+            new.view[:] = bytes(4096)
+        with trio.fail_after(5):
+            while old.in_flight:
+                await trio.sleep(0.01)
+        assert bytes(new.view) == bytes(4096)
+        assert front.error is None
+        reused = front.buffer(4096)  # the old pages came back once answered
+        assert reused.frame == old.frame
+        for buf in (new, reused):
+            buf.close()
+
+
+async def test_requests_in_flight_are_not_replayed_in_another_sector_size():
+    """Shadows count sectors in the unit of the backend they were made for: a
+    daemon that came back with 4096-byte sectors replayed a 512-byte-sector
+    write at 8x its offset and answered OKAY."""
+    def toml(sector_size: int) -> str:
+        return TOML.replace('size = "8M"', f'size = "8M"\n  sector_size = {sector_size}')
+
+    with short_tmpdir() as root:
+        cfg = root / "cfg.toml"
+        cfg.write_text(toml(512))
+        serves = [ServeProcess(root, "--config", str(cfg)).start()]
+        try:
+            async with open_session(serves[0].socket, reconnect=True,
+                                    recovery_timeout=20) as s:
+                front = await _attached(s)
+                outcome: list[BaseException | None] = []
+
+                async def writer():
+                    try:
+                        await front.write(12288, b"X" * 512)
+                        outcome.append(None)
+                    except BlkDeviceError as exc:
+                        outcome.append(exc)
+
+                os.kill(serves[0].pid, signal.SIGSTOP)  # the write stays unanswered
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer)
+                    await trio.sleep(0.2)
+                    os.kill(serves[0].pid, signal.SIGKILL)
+                    await trio.to_thread.run_sync(serves[0].proc.wait)
+                    os.unlink(serves[0].socket)
+                    cfg.write_text(toml(4096))
+                    serves.append(ServeProcess(root, "--config", str(cfg)).start())
+                assert len(outcome) == 1 and isinstance(outcome[0], BlkDeviceError)
+                assert "4096-byte sectors" in str(outcome[0])
+            with open(os.path.join(serves[0].data_dir, "disk.img"), "rb") as f:
+                image = f.read()
+            assert image == bytes(len(image))  # nothing landed anywhere
+        finally:
+            for serve in serves:
+                if serve.proc.poll() is None:
+                    serve.proc.kill()
+                    serve.proc.wait()
