@@ -92,8 +92,14 @@ class EventChannel:
         self.sent += 1
 
     def set_pending(self) -> None:
-        """Mark our own port pending (what ``bind_interdomain`` does)."""
-        os.eventfd_write(self.local_fd, 1)
+        """Mark our own port pending (what ``bind_interdomain`` does).
+
+        Our wait-eventfd came from the peer, who may have saturated its counter
+        (already pending: fine) or made it blocking (skipped, not stalled), as
+        for :meth:`notify`."""
+        rc = _send(self.local_fd)
+        if rc:
+            raise _oserror(rc)
 
     def consume(self) -> bool:
         """Clear our pending event without blocking; True if one was pending.

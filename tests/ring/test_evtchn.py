@@ -605,3 +605,17 @@ def test_regression_a_saturated_peer_counter_is_a_pending_event_not_a_crash():
     back.notify()
     assert time.monotonic() - started < 1
     assert front.consume() is True
+
+
+def test_regression_binding_to_a_saturated_eventfd_leaves_the_port_pending():
+    # A frontend that wrote 0xfffffffffffffffe into the eventfd it handed over
+    # made bind_interdomain's set_pending raise BlockingIOError, after the port
+    # was registered: the bind failed and the port and both fds stayed behind.
+    table = EventChannelTable(0)
+    local, remote = os.eventfd(0), os.eventfd(0)
+    os.eventfd_write(local, 0xFFFFFFFFFFFFFFFE)
+    channel = table.bind_interdomain(1, 5, (local, remote))
+    assert table.status(channel.port) == EvtchnStatus.interdomain
+    assert channel.consume() is True  # pending, as binding promises
+    assert channel.consume() is False
+    table.close(channel.port)
