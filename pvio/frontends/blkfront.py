@@ -71,7 +71,8 @@ class _Waiter:
         self.event = trio.Event()
         self.pending = pending
         self.complete = complete
-        self.failed: tuple[object, int] | None = None  # (part, status)
+        # the first failure: (part, status, why -- None when the backend said so)
+        self.failed: tuple[object, int, str | None] | None = None
 
 
 class _Slot:
@@ -310,6 +311,7 @@ class BlkFront(RingFrontendDriver):
             else:
                 self.session.pool.quarantine(slot.frame, self._data_pages + 1)
         self._slots, self._free = [], []
+        self._slot_waiters.unpark_all()  # they find no slots and fail
         await super().detach()
 
     def _stop_services(self) -> None:
@@ -327,7 +329,7 @@ class BlkFront(RingFrontendDriver):
     def _fail_all(self, reason: str) -> None:
         for slot in self._slots:
             if slot.op >= 0:
-                self._answer(slot, BlkifRsp.ERROR)
+                self._answer(slot, BlkifRsp.ERROR, reason)
         if self.error is None and reason != "device detached":
             self.error = reason
 
@@ -335,21 +337,22 @@ class BlkFront(RingFrontendDriver):
         """Disable the device: pending and later calls get BlkDeviceError(reason)."""
         self._fail_all(reason)
 
-    def _answer(self, slot: _Slot, status: int) -> None:
-        """The request in ``slot`` is answered: complete it, free the slot at once
-        (a long call recycles its slots), wake the caller after the last one."""
+    def _answer(self, slot: _Slot, status: int, why: str | None = None) -> None:
+        """The request in ``slot`` is answered (by the backend, or failed here
+        ``why``): complete it, free the slot at once (a long call recycles its
+        slots), wake the caller after the last one."""
         waiter = slot.waiter
         if slot.abandoned:
             pass  # its caller is gone (cancelled): nothing to copy
         elif status:
             if waiter.failed is None:
-                waiter.failed = (slot.part, status)
+                waiter.failed = (slot.part, status, why)
         elif waiter.complete is not None:
             try:
                 waiter.complete(slot)
-            except Exception:  # e.g. the caller's buffer went away: that call fails
+            except Exception as exc:  # e.g. the caller's buffer went away: that call fails
                 if waiter.failed is None:
-                    waiter.failed = (slot.part, BlkifRsp.ERROR)
+                    waiter.failed = (slot.part, BlkifRsp.ERROR, f"completing it: {exc}")
         self._release_slot(slot)
         waiter.pending -= 1
         if not waiter.pending:
@@ -402,6 +405,8 @@ class BlkFront(RingFrontendDriver):
     def _check(self) -> None:
         if self.error is not None:
             raise BlkDeviceError(f"vbd unusable: {self.error}")
+        if not self._slots:
+            raise BlkDeviceError("vbd is not attached")
         if self.ring is None and not self.session.reconnect:
             raise BlkDeviceError("vbd is not connected")
 
@@ -410,13 +415,15 @@ class BlkFront(RingFrontendDriver):
 
         A call never waits for more slots while holding some it has not
         submitted, so concurrent callers cannot starve each other."""
-        free = self._free
-        while not free:
+        while not self._free:
+            if not self._slots:  # detached (and maybe attached again later)
+                raise BlkDeviceError("vbd is not attached")
             self._slots_wanted += 1
             try:
                 await self._slot_waiters.park()
             finally:
                 self._slots_wanted -= 1
+        free = self._free
         taken = free[-want:]
         del free[-want:]
         return taken
@@ -483,6 +490,9 @@ class BlkFront(RingFrontendDriver):
         slot.op = -1
         slot.abandoned = False
         slot.waiter = None
+        slots = self._slots
+        if slot.id >= len(slots) or slots[slot.id] is not slot:
+            return  # a slot of a detached ring: its pages are gone, never reuse it
         self._free.append(slot)
         if self._slots_wanted:
             self._slot_waiters.unpark()
@@ -607,8 +617,11 @@ class BlkFront(RingFrontendDriver):
 
         waiter = await self._run(parts, build, copy_out if copies and not write else None)
         if waiter.failed is not None:
-            (offset, view, _, _), status = waiter.failed
-            why = f"vbd unusable: {self.error}" if self.error else f"backend status {status}"
+            (offset, view, _, _), status, why = waiter.failed
+            if self.error:
+                why = f"vbd unusable: {self.error}"
+            elif why is None:
+                why = f"backend status {status}"
             raise BlkDeviceError(f"{'write' if write else 'read'} at {offset}+{len(view)}: "
                                  f"{why}")
         self.stats["bytes"] += total

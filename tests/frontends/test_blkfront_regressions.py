@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+import pytest
 import trio
 
 from pvio.backends.blkback import BlkBackend
@@ -226,3 +227,40 @@ async def test_requests_in_flight_are_not_replayed_in_another_sector_size():
                 if serve.proc.poll() is None:
                     serve.proc.kill()
                     serve.proc.wait()
+
+
+async def test_callers_waiting_for_a_slot_when_the_device_is_detached_fail_instead_of_hanging(
+        monkeypatch):
+    """With reconnect=True, callers parked for a free slot when the device was
+    detached waited on the old free list forever (and a woken one could put a
+    slot of the dead ring into the next ring's list)."""
+    _slow_backend(monkeypatch, 0.3)
+    async with running_daemon(TOML) as daemon, \
+            open_session(daemon.config.socket, reconnect=True) as s:
+        front = BlkFront(s)
+        device = await s.attach(front, 1, BLK_KEYS)
+        with trio.fail_after(10):
+            await device.connected.wait()
+        slots = len(front._slots)
+        outcomes: list[BaseException | None] = []
+
+        async def reader(i: int) -> None:
+            try:
+                await front.read(i * 4096, 4096)
+                outcomes.append(None)
+            except BlkDeviceError as exc:
+                outcomes.append(exc)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(slots + 8):
+                    nursery.start_soon(reader, i)
+                await trio.sleep(0.1)
+                assert front._slots_wanted == 8
+                await device.close()
+        assert len(outcomes) == slots + 8
+        failed = [o for o in outcomes if o is not None]
+        assert len(failed) >= 8 and all("detached" in str(o) or "not attached" in str(o)
+                                        for o in failed)
+        with pytest.raises(BlkDeviceError, match="not attached"):
+            await front.read(0, 512)
