@@ -139,6 +139,9 @@ class Tap:
             struct.pack_into("!H", data, end, 0xFFFF ^ total or 0xFFFF)
             csum, info = False, None
         if gso == VIRTIO_NET_HDR_GSO_NONE:
+            if len(data) > XEN_NETIF_MAX_TX_SIZE:  # e.g. a VLAN tag on a 65521-byte MTU
+                self.dropped += 1
+                return []
             return [Frame(bytes(data), Offload(csum, valid) if valid else NO_OFFLOAD)]
         gso_type = _TO_NETIF.get(gso)
         if gso_type is None or info is None or _l4.gso_type_of(info) != gso_type:
@@ -146,7 +149,10 @@ class Tap:
             return []
         if len(data) > XEN_NETIF_MAX_TX_SIZE:
             self.segmented += 1
-            return [Frame(bytes(s), Offload(False, True)) for s in _l4.segment(data, gso_size)]
+            segments = [s for s in _l4.segment(data, gso_size) if len(s) <= XEN_NETIF_MAX_TX_SIZE]
+            if not segments:
+                self.dropped += 1
+            return [Frame(bytes(s), Offload(False, True)) for s in segments]
         return [Frame(bytes(data), Offload(True, True, gso_type, gso_size))]
 
     def to_vnet(self, frame: Frame) -> bytes | bytearray:

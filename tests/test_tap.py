@@ -12,7 +12,7 @@ kernel's own network stack, a real peer:
   (:func:`pvio._l4.segment` / :func:`complete_checksum`) for a TAP without offloads,
   where the receiving kernel verifies every checksum itself (``InCsumErrors`` stays 0).
 
-Needs root, iproute2 and /dev/net/tun (skipped otherwise). Every namespace and
+Needs root, iproute2 and /dev/net/tun (.ci/run installs iproute2). Every namespace and
 process is removed by pid in the test that made it; no interface may be left in the
 test's own namespace.
 """
@@ -177,6 +177,21 @@ def test_super_packet_netif_cannot_carry_is_segmented_in_software():
         assert seg.l4_checksum_ok()
         got += f.data[seg.l4 + 20:]
     assert got == payload
+
+
+def test_regression_frames_netif_cannot_carry_are_dropped_not_passed_on():
+    # With a 65521-byte MTU (Linux netfront's max) a VLAN tag, or a full-size IPv4
+    # datagram, makes frames over 65535 bytes; from_vnet passed them on and
+    # send_many's ValueError ended pvio netfront-tap. Now they are dropped, counted.
+    payload = bytes(65535 - 40)
+    b = build(4, TCP, payload, flags=ACK)
+    tap = fake_tap()
+    assert len(b.frame) > 65535
+    assert tap.from_vnet(vnet() + bytes(b.frame)) == []
+    # a super-packet whose segments would each still be too big: nothing to send
+    assert tap.from_vnet(vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                              b.l4 + 20, 65500, b.l4, 16) + seeded(b)) == []
+    assert tap.dropped == 2
 
 
 # ------------------------------------------------------------ to_vnet (netif -> kernel)

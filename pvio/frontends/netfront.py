@@ -40,8 +40,9 @@ from operator import itemgetter
 
 import trio
 
-from pvio.layouts import XEN_PAGE_SIZE
+from pvio.layouts import XEN_NETIF_MAX_TX_SIZE, XEN_PAGE_SIZE
 from pvio.netif import (
+    ETH_HLEN,
     NO_OFFLOAD,
     RX_REQ,
     RX_RSP,
@@ -222,7 +223,10 @@ class NetFront(RingFrontendDriver):
         raw = await xs.read_or_none(f"{path}/mac")
         self.mac = raw.decode("ascii", "replace") if raw else ""
         mtu = await xs.read_or_none(f"{path}/mtu")
-        self.mtu = int(mtu) if mtu and mtu.isdigit() and 68 <= int(mtu) <= 65535 else 1500
+        # Linux netfront's max_mtu: a frame (MTU + Ethernet header) must fit netif's
+        # 16-bit packet size.
+        limit = XEN_NETIF_MAX_TX_SIZE - ETH_HLEN
+        self.mtu = int(mtu) if mtu and mtu.isdigit() and 68 <= int(mtu) <= limit else 1500
         await super().publish(xs, path)
 
     def _grant_pages(self, count: int, readonly: bool
