@@ -380,29 +380,38 @@ int pvio_evtchn_send(int fd)
  * 1: an event was consumed; 0: timed out; -EINTR: a signal arrived (the
  * caller lets its handlers run and calls again with the time left); -errno:
  * error. The GIL is released (cffi does for every call). */
-int pvio_evtchn_wait(int fd, int64_t timeout_ns)
+/* ppoll fd for POLLIN until deadline (timeout_ns < 0: forever). 1: readable,
+ * 0: timed out, -errno (-EINTR: a signal). */
+static int poll_in(int fd, int64_t timeout_ns, uint64_t deadline)
 {
     struct pollfd p = {fd, POLLIN, 0};
     struct timespec ts, *tsp = NULL;
-    uint64_t deadline = 0;
     int rc;
-    if (timeout_ns >= 0)
-        deadline = now_ns() + (uint64_t)timeout_ns;
+    if (timeout_ns >= 0) {
+        uint64_t now = now_ns();
+        uint64_t left = now < deadline ? deadline - now : 0;
+        ts.tv_sec = (time_t)(left / 1000000000u);
+        ts.tv_nsec = (long)(left % 1000000000u);
+        tsp = &ts;
+    }
+    rc = ppoll(&p, 1, tsp, NULL);
+    if (rc < 0)
+        return -errno;
+    if (rc == 0)
+        return 0;
+    if (p.revents & POLLNVAL)
+        return -EBADF;
+    return 1;
+}
+
+int pvio_evtchn_wait(int fd, int64_t timeout_ns)
+{
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : 0;
+    int rc;
     for (;;) {
-        if (timeout_ns >= 0) {
-            uint64_t now = now_ns();
-            uint64_t left = now < deadline ? deadline - now : 0;
-            ts.tv_sec = (time_t)(left / 1000000000u);
-            ts.tv_nsec = (long)(left % 1000000000u);
-            tsp = &ts;
-        }
-        rc = ppoll(&p, 1, tsp, NULL);
-        if (rc < 0)
-            return -errno;
-        if (rc == 0)
-            return 0;
-        if (p.revents & POLLNVAL)
-            return -EBADF;
+        rc = poll_in(fd, timeout_ns, deadline);
+        if (rc <= 0)
+            return rc;
         rc = pvio_evtchn_consume(fd);
         if (rc != 0)
             return rc;
@@ -429,9 +438,7 @@ int pvio_evtchn_wait(int fd, int64_t timeout_ns)
 int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int64_t timeout_ns)
 {
     uint32_t (*check)(pvio_ring *) = back ? pvio_back_final_check : pvio_front_final_check;
-    struct pollfd p = {fd, POLLIN, 0};
-    struct timespec ts, *tsp = NULL;
-    uint64_t deadline = 0;
+    uint64_t deadline;
     int rc;
     for (;;) {
         if (check(r))
@@ -443,23 +450,11 @@ int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int64_t timeout_
             return rc;
         *stale = 0;
     }
-    if (timeout_ns >= 0)
-        deadline = now_ns() + (uint64_t)timeout_ns;
+    deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : 0;
     for (;;) {
-        if (timeout_ns >= 0) {
-            uint64_t now = now_ns();
-            uint64_t left = now < deadline ? deadline - now : 0;
-            ts.tv_sec = (time_t)(left / 1000000000u);
-            ts.tv_nsec = (long)(left % 1000000000u);
-            tsp = &ts;
-        }
-        rc = ppoll(&p, 1, tsp, NULL);
-        if (rc < 0)
-            return -errno;
-        if (rc == 0)
-            return 0;
-        if (p.revents & POLLNVAL)
-            return -EBADF;
+        rc = poll_in(fd, timeout_ns, deadline);
+        if (rc <= 0)
+            return rc;
         *stale = 1;
         if (check(r))
             return PVIO_SLEEP_WOKE_WORK;
