@@ -63,14 +63,22 @@ class Port:
     def enqueue_many(self, frames: list[Frame], nbytes: int) -> int:
         """Queue ``frames`` (``nbytes`` in all) as :meth:`enqueue` would, one by one;
         returns how many were queued (the rest are dropped: the queue is full)."""
-        queue = self.queue
+        queued, was_empty = self._admit(self.queue, frames, nbytes)
+        if was_empty and self.on_ready is not None:
+            self.on_ready()
+        return queued
+
+    def _admit(self, queue, frames: list[Frame], nbytes: int) -> tuple[int, bool]:
+        """Append what fits of ``frames`` to ``queue`` (the rest are dropped and
+        counted), count them and show them to the taps: (how many, whether
+        ``queue`` was empty before)."""
         room = self.capacity - len(queue)
         if room < len(frames):
             self.stats.dropped += len(frames) - max(room, 0)
             frames = frames[:max(room, 0)]
             nbytes = sum(len(f.data) for f in frames)
         if not frames:
-            return 0
+            return 0, False
         was_empty = not queue
         queue.extend(frames)
         self.stats.tx_frames += len(frames)
@@ -78,9 +86,7 @@ class Port:
         for frame in frames if self.taps else ():
             for tap in self.taps:
                 tap("out", frame)
-        if was_empty and self.on_ready is not None:
-            self.on_ready()
-        return len(frames)
+        return len(frames), was_empty
 
     def take(self, max_frames: int) -> list[Frame]:
         out = []

@@ -128,38 +128,25 @@ class VifPort(Port):
         for tap in self.taps:
             tap("out", frame)
         if len(dq) == 1:
-            deferred = self.switch.deferred if self.switch is not None else None
-            if deferred is not None and self.deliver is not None:
-                deferred.append((self.deliver, q))
-            elif self.wake[q] is not None:
-                self.wake[q]()
+            self._ready(q)
         return True
+
+    def _ready(self, q: int) -> None:
+        """Queue ``q`` was empty and has frames: deliver them at the end of the
+        switch's batch, or wake its service now."""
+        deferred = self.switch.deferred if self.switch is not None else None
+        if deferred is not None and self.deliver is not None:
+            deferred.append((self.deliver, q))
+        elif self.wake[q] is not None:
+            self.wake[q]()
 
     def enqueue_many(self, frames: list[Frame], nbytes: int) -> int:
         if len(self.rx_queues) != 1:  # frames spread over queues by flow
             return sum(1 for frame in frames if self.enqueue(frame))
-        dq = self.rx_queues[0]
-        room = self.capacity - len(dq)
-        if room < len(frames):
-            self.stats.dropped += len(frames) - max(room, 0)
-            frames = frames[:max(room, 0)]
-            nbytes = sum(len(f.data) for f in frames)
-        if not frames:
-            return 0
-        was_empty = not dq
-        dq.extend(frames)
-        self.stats.tx_frames += len(frames)
-        self.stats.tx_bytes += nbytes
-        for frame in frames if self.taps else ():
-            for tap in self.taps:
-                tap("out", frame)
+        queued, was_empty = self._admit(self.rx_queues[0], frames, nbytes)
         if was_empty:
-            deferred = self.switch.deferred if self.switch is not None else None
-            if deferred is not None and self.deliver is not None:
-                deferred.append((self.deliver, 0))
-            elif self.wake[0] is not None:
-                self.wake[0]()
-        return len(frames)
+            self._ready(0)
+        return queued
 
     @property
     def queued(self) -> int:
