@@ -352,6 +352,44 @@ static inline void net_tx_req(uint8_t *o, uint32_t gref, uint16_t off, uint16_t 
     net_st16(o + 10, size);
 }
 
+/* Queue one frame of len bytes on the TX ring: its chunks go in the pages of
+ * the ids on top of the free stack (copied from src, or already read there
+ * when src is NULL), the first request carries the whole length and flags f0,
+ * MORE_DATA chains the rest, and a GSO extra (type gso, size gso_size) follows
+ * the first. The caller has checked there are enough ids and slots. Returns
+ * the slots written at req. */
+static uint32_t tx_queue_frame(pvio_netfront_tx *t, uint8_t *req, const uint8_t *src,
+                               uint32_t len, uint32_t f0, uint32_t gso, uint16_t gso_size)
+{
+    uint32_t c, used = 0, chunks = (len + PVIO_NET_PAGE - 1) / PVIO_NET_PAGE;
+    for (c = 0; c < chunks; c++) {
+        uint16_t id = t->free_ids[--t->nfree];
+        uint32_t size = len - c * PVIO_NET_PAGE;
+        uint32_t f = c == 0 ? f0 : 0;
+        if (size > PVIO_NET_PAGE)
+            size = PVIO_NET_PAGE;
+        t->in_flight[id] = 1;
+        if (src != NULL)
+            memcpy(t->pages + (size_t)id * PVIO_NET_PAGE, src + (size_t)c * PVIO_NET_PAGE, size);
+        if (c < chunks - 1)
+            f |= NTXF_MORE_DATA;
+        if (c == 0 && gso)
+            f |= NTXF_EXTRA_INFO;
+        net_tx_req(req + 12 * used, t->refs[id], 0, (uint16_t)f, id,
+                   (uint16_t)(c == 0 ? len : size));
+        used++;
+        if (c == 0 && gso) {
+            uint8_t *x = req + 12 * used;
+            memset(x, 0, 12);
+            x[0] = NEXTRA_GSO;
+            net_st16(x + 2, gso_size);
+            x[4] = (uint8_t)gso;
+            used++;
+        }
+    }
+    return used;
+}
+
 uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const uint32_t *lens,
                               const uint32_t *meta, uint32_t nframes, uint32_t free_slots,
                               uint8_t *req, uint32_t *nreq, uint64_t *bytes)
@@ -359,37 +397,15 @@ uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const ui
     uint32_t fr, slots_used = 0;
     uint64_t pos = 0, placed_bytes = 0;
     for (fr = 0; fr < nframes; fr++) {
-        uint32_t len = lens[fr], chunks = (len + PVIO_NET_PAGE - 1) / PVIO_NET_PAGE, c;
+        uint32_t len = lens[fr], chunks = (len + PVIO_NET_PAGE - 1) / PVIO_NET_PAGE;
         uint32_t csum = meta ? meta[2 * fr] & (NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED) : 0;
         uint32_t gso = meta ? meta[2 * fr] >> 16 : 0;
         uint32_t slots = chunks + (gso ? 1 : 0);
         if (chunks > t->nfree || slots > free_slots - slots_used)
             break;
-        for (c = 0; c < chunks; c++) {
-            uint16_t id = t->free_ids[--t->nfree];
-            uint32_t size = len - c * PVIO_NET_PAGE;
-            uint32_t f = c == 0 ? csum : 0;
-            if (size > PVIO_NET_PAGE)
-                size = PVIO_NET_PAGE;
-            t->in_flight[id] = 1;
-            memcpy(t->pages + (size_t)id * PVIO_NET_PAGE, data + pos, size);
-            if (c < chunks - 1)
-                f |= NTXF_MORE_DATA;
-            if (c == 0 && gso)
-                f |= NTXF_EXTRA_INFO;
-            net_tx_req(req + 12 * slots_used, t->refs[id], 0, (uint16_t)f, id,
-                       (uint16_t)(c == 0 ? len : size));
-            slots_used++;
-            pos += size;
-            if (c == 0 && gso) {
-                uint8_t *x = req + 12 * slots_used;
-                memset(x, 0, 12);
-                x[0] = NEXTRA_GSO;
-                net_st16(x + 2, (uint16_t)meta[2 * fr + 1]);
-                x[4] = (uint8_t)gso;
-                slots_used++;
-            }
-        }
+        slots_used += tx_queue_frame(t, req + 12 * slots_used, data + pos, len, csum, gso,
+                                     meta ? (uint16_t)meta[2 * fr + 1] : 0);
+        pos += len;
         placed_bytes += len;
     }
     *nreq = slots_used;
@@ -498,7 +514,7 @@ int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_
     struct iovec iov[VNET_MAX_CHUNKS + 2];
     *slow_len = 0;
     for (;;) {
-        uint32_t c, chunks, len, gso, f0;
+        uint32_t c, len, gso, f0;
         int64_t meta;
         ssize_t got;
         if (placed >= max_frames) {
@@ -548,32 +564,10 @@ int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_
             *why = PVIO_VNET_SLOW;
             break;
         }
-        chunks = (len + PVIO_NET_PAGE - 1) / PVIO_NET_PAGE;
         gso = (uint32_t)meta >> 16;
         f0 = (uint32_t)meta & (NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED);
-        for (c = 0; c < chunks; c++) {
-            uint16_t id = t->free_ids[--t->nfree];
-            uint32_t size = len - c * PVIO_NET_PAGE;
-            uint32_t f = c == 0 ? f0 : 0;
-            if (size > PVIO_NET_PAGE)
-                size = PVIO_NET_PAGE;
-            t->in_flight[id] = 1;
-            if (c < chunks - 1)
-                f |= NTXF_MORE_DATA;
-            if (c == 0 && gso)
-                f |= NTXF_EXTRA_INFO;
-            net_tx_req(req + 12 * slots_used, t->refs[id], 0, (uint16_t)f, id,
-                       (uint16_t)(c == 0 ? len : size));
-            slots_used++;
-            if (c == 0 && gso) {
-                uint8_t *x = req + 12 * slots_used;
-                memset(x, 0, 12);
-                x[0] = NEXTRA_GSO;
-                net_st16(x + 2, net_ld16(hdr + 4));
-                x[4] = (uint8_t)gso;
-                slots_used++;
-            }
-        }
+        slots_used += tx_queue_frame(t, req + 12 * slots_used, NULL, len, f0, gso,
+                                     net_ld16(hdr + 4));  /* read into the pages already */
         placed++;
         placed_bytes += len;
     }
