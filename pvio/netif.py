@@ -182,30 +182,28 @@ _FATAL = {lib.PVIO_NET_TX_FATAL_EXTRA: "extra-info chain runs past the published
           lib.PVIO_NET_TX_FATAL_MORE: "more_data chain runs past the published requests"}
 
 
+# The C assembler's reason codes and their messages (the words assemble uses),
+# formatted with its two arguments a and b.
+_TX_REASONS = {
+    lib.PVIO_NET_TX_BAD_GSO_TYPE: "bad GSO type {a}",
+    lib.PVIO_NET_TX_GSO_NOT_NEGOTIATED: "GSO type {a} not negotiated",
+    lib.PVIO_NET_TX_GSO_SIZE0: "GSO size 0",
+    lib.PVIO_NET_TX_UNKNOWN_EXTRA: "unknown extra type {a}",
+    lib.PVIO_NET_TX_TOO_MANY_SLOTS: "more than {a} slots",
+    lib.PVIO_NET_TX_FIRST_TOO_SMALL: "first slot says {a} bytes, the other fragments hold {b}",
+    lib.PVIO_NET_TX_CROSSES_PAGE: "fragment {a}+{b} crosses its page",
+    lib.PVIO_NET_TX_TOO_BIG: "packet of {a} bytes",
+    lib.PVIO_NET_TX_RUNT: "packet of {a} bytes is shorter than an Ethernet header",
+}
+
+
 def tx_reason(code: int, arg0: int, arg1: int) -> str:
     """The message of a refused TX packet, from the C assembler's reason code
     (the same words :func:`assemble` uses)."""
-    if code == lib.PVIO_NET_TX_BAD_GSO_TYPE:
-        return f"bad GSO type {arg0}"
-    if code == lib.PVIO_NET_TX_GSO_NOT_NEGOTIATED:
-        return f"GSO type {arg0} not negotiated"
-    if code == lib.PVIO_NET_TX_GSO_SIZE0:
-        return "GSO size 0"
-    if code == lib.PVIO_NET_TX_UNKNOWN_EXTRA:
-        return f"unknown extra type {arg0}"
-    if code == lib.PVIO_NET_TX_TOO_MANY_SLOTS:
-        return f"more than {arg0} slots"
-    if code == lib.PVIO_NET_TX_FIRST_TOO_SMALL:
-        return f"first slot says {arg0} bytes, the other fragments hold {arg1}"
-    if code == lib.PVIO_NET_TX_CROSSES_PAGE:
-        return f"fragment {arg0}+{arg1} crosses its page"
-    if code == lib.PVIO_NET_TX_TOO_BIG:
-        return f"packet of {arg0} bytes"
-    if code == lib.PVIO_NET_TX_RUNT:
-        return f"packet of {arg0} bytes is shorter than an Ethernet header"
     if code == lib.PVIO_NET_TX_GRANT:
         return str(GrantError(arg0 - (1 << 32) if arg0 >= 1 << 31 else arg0, arg1))
-    return f"refused (reason {code})"
+    text = _TX_REASONS.get(code)
+    return text.format(a=arg0, b=arg1) if text else f"refused (reason {code})"
 
 
 def gso_mask(accept_gso: tuple[int, ...]) -> int:
@@ -463,6 +461,15 @@ RXP_N = lib.PVIO_NETFRONT_RXP_N  # u32 per packet in an RxScratch's pkts
 _U32 = 0xFFFFFFFF
 
 
+# pvio_netfront_rx_parse's error codes and their messages.
+_RX_ERRORS = {
+    lib.PVIO_NETFRONT_RX_LEAVES_PAGE: "rx response {slot}: {a}+{b} leaves its page",
+    lib.PVIO_NETFRONT_RX_BAD_EXTRA: "rx response {slot}: bad extra (type {a}, gso {b}/{c})",
+    lib.PVIO_NETFRONT_RX_TOO_LONG: "rx packet at slot {slot} spans more than {a} slots",
+    lib.PVIO_NETFRONT_RX_BAD_ID: "rx response in slot {slot} has id {a}, expected {b}",
+}
+
+
 class RxScratch:
     """Private buffers for netfront's C RX path over a ring of ``nr_ents`` slots
     (a batch of responses never holds more, plus a carried partial chain)."""
@@ -503,15 +510,8 @@ class RxScratch:
     def _error(self, first: int) -> str:
         code, slot, a, b, c = self.err.tolist()
         slot = first + ((slot - first) & _U32)
-        if code == lib.PVIO_NETFRONT_RX_LEAVES_PAGE:
-            return f"rx response {slot}: {a}+{b} leaves its page"
-        if code == lib.PVIO_NETFRONT_RX_BAD_EXTRA:
-            return f"rx response {slot}: bad extra (type {a}, gso {b}/{c})"
-        if code == lib.PVIO_NETFRONT_RX_TOO_LONG:
-            return f"rx packet at slot {slot} spans more than {a} slots"
-        if code == lib.PVIO_NETFRONT_RX_BAD_ID:
-            return f"rx response in slot {slot} has id {a}, expected {b}"
-        return "rx responses do not fit netfront's buffer"
+        text = _RX_ERRORS.get(code, "rx responses do not fit netfront's buffer")
+        return text.format(slot=slot, a=a, b=b, c=c)
 
     def packets(self, npk: int, first_slot: int) -> list[RxPacket]:
         """The packets of the last :meth:`parse` as :func:`parse_rx_responses` gives them."""
