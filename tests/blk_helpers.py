@@ -98,3 +98,21 @@ class blk_error:
         if self.match is not None:
             assert any(self.match in str(e) for e in found), found
         return True
+
+
+def slow_backend(monkeypatch, seconds: float) -> None:
+    """Every batch blkback serves sits ``seconds`` in its worker thread (the C
+    fast path is switched off, so every request goes there): requests stay in
+    flight long enough to cancel callers, close buffers or detach meanwhile."""
+    import time
+
+    from pvio.backends.blkback import BlkBackend
+
+    real_io = BlkBackend._io
+
+    def slow_io(self, plans):
+        time.sleep(seconds)
+        return real_io(self, plans)
+
+    monkeypatch.setattr(BlkBackend, "inline_io", False)
+    monkeypatch.setattr(BlkBackend, "_io", slow_io)

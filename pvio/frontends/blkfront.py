@@ -509,12 +509,11 @@ class BlkFront(RingFrontendDriver):
         return b"".join([pack(refs[i], 0, full) for i in range(nseg - 1)]) \
             + pack(refs[nseg - 1], 0, tail)
 
-    def _rw_request(self, slot: _Slot, op: int, sector: int, segs: bytes) -> tuple[bytes, int]:
-        """A READ or WRITE at ``sector`` of the segments ``segs``; INDIRECT when
-        there are more than 11."""
+    def _indirect_request(self, slot: _Slot, op: int, sector: int,
+                          segs: bytes) -> tuple[bytes, int]:
+        """An INDIRECT READ or WRITE at ``sector`` of the segments ``segs`` (more
+        than 11), which go in the slot's indirect page."""
         nseg = len(segs) >> 3
-        if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            return _REQ.pack(op, nseg, 0, slot.id, sector) + segs + _PAD[nseg], op
         if slot.indirect_segs != segs:
             page = self.session.pool.shm.page(slot.indirect_frame)
             page[:len(segs)] = segs
@@ -589,7 +588,7 @@ class BlkFront(RingFrontendDriver):
                 parts.append((offset + pos, part, segs, buf))
         if not parts:
             return
-        rw_request, pack, pads = self._rw_request, _REQ.pack, _PAD
+        indirect_request, pack, pads = self._indirect_request, _REQ.pack, _PAD
 
         def build(slot: _Slot, part) -> tuple[bytes, int]:
             offset, view, segs, buf = part
@@ -606,9 +605,9 @@ class BlkFront(RingFrontendDriver):
                 if write:
                     slot.pages[:length] = view
             nseg = len(segs) >> 3
-            if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:  # _rw_request's direct case, inline
+            if nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
                 return pack(op, nseg, 0, slot.id, offset // ss) + segs + pads[nseg], op
-            return rw_request(slot, op, offset // ss, segs)
+            return indirect_request(slot, op, offset // ss, segs)
 
         def copy_out(slot: _Slot) -> None:
             _, view, segs, _ = slot.part
@@ -726,8 +725,9 @@ class BlkFront(RingFrontendDriver):
         """FLUSH_DISKCACHE: returns once the backend's fdatasync succeeded."""
         if self.readonly or not self.features.get("feature-flush-cache"):
             return  # nothing written, or no volatile cache advertised: nothing to flush
-        status = await self._one(lambda slot: (bytes(_req_bytes(
-            BlkifOp.FLUSH_DISKCACHE, 0, slot.id, 0)), BlkifOp.FLUSH_DISKCACHE))
+        status = await self._one(lambda slot: (
+            _REQ.pack(BlkifOp.FLUSH_DISKCACHE, 0, 0, slot.id, 0) + _PAD[0],
+            BlkifOp.FLUSH_DISKCACHE))
         if status == BlkifRsp.EOPNOTSUPP:
             self.features["feature-flush-cache"] = 0
             return
@@ -753,12 +753,6 @@ class BlkFront(RingFrontendDriver):
             self.features["feature-discard"] = 0
         elif status != BlkifRsp.OKAY:
             raise BlkDeviceError(f"discard failed: backend status {status}")
-
-
-def _req_bytes(op: int, nseg: int, rid: int, sector: int) -> bytearray:
-    req = bytearray(blkif.REQ_SIZE)
-    _REQ.pack_into(req, 0, op, nseg, 0, rid, sector)
-    return req
 
 
 class BlockDevice(io.RawIOBase):

@@ -4,15 +4,13 @@ end to end against an in-process daemon, checked against the image file."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 import trio
 
-from pvio.backends.blkback import BlkBackend
 from pvio.frontends.blkfront import BlkDeviceError, PoolBuffer
 from pvio.frontends.session import open_session
-from tests.blk_helpers import XVDA, XVDB, attach_blk, backend_device, domain, vbd
+from tests.blk_helpers import XVDA, XVDB, attach_blk, backend_device, domain, slow_backend, vbd
 from tests.pvio_daemon import running_daemon, watchdog
 
 MIB = 1 << 20
@@ -113,14 +111,7 @@ async def test_cancelled_batch_frees_every_slot(daemon, front, monkeypatch):
     held by a slow backend, the rest waiting for a slot) gives every slot back
     once the answers are in, and nothing is copied into the abandoned buffers."""
     await front.write(0, b"\x5a" * (100 * 65536))  # so a copy into a buffer would show
-    real_io = BlkBackend._io
-
-    def slow_io(self, plans):
-        time.sleep(0.2)
-        return real_io(self, plans)
-
-    monkeypatch.setattr(BlkBackend, "inline_io", False)  # the worker-thread path
-    monkeypatch.setattr(BlkBackend, "_io", slow_io)
+    slow_backend(monkeypatch, 0.2)
     bufs = [bytearray(65536) for _ in range(100)]
     with trio.move_on_after(0.05) as scope:
         await front.read_many([(i * 65536, b) for i, b in enumerate(bufs)])

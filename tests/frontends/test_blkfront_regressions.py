@@ -2,14 +2,13 @@
 
 import os
 import signal
-import time
 
 import pytest
 import trio
 
-from pvio.backends.blkback import BlkBackend
 from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError, BlkFront
 from pvio.frontends.session import open_session
+from tests.blk_helpers import slow_backend
 from tests.pvio_daemon import ServeProcess, running_daemon, short_tmpdir
 
 TOML = """
@@ -27,14 +26,7 @@ async def test_cancelled_request_keeps_its_slot_until_the_backend_answers(monkey
     """A caller cancelled while the backend still held its request used to put the
     slot back at once: the late answer then disabled the device ("not outstanding")
     or completed a new request that reused the slot with the old status and data."""
-    real_io = BlkBackend._io
-
-    def slow_io(self, plans):
-        time.sleep(0.3)  # the worker thread holds the batch for a while
-        return real_io(self, plans)
-
-    monkeypatch.setattr(BlkBackend, "_io", slow_io)
-    monkeypatch.setattr(BlkBackend, "inline_io", False)  # the worker-thread path
+    slow_backend(monkeypatch, 0.3)  # the worker thread holds the batch for a while
     async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as session:
         front = BlkFront(session)
         device = await session.attach(front, 1, BLK_KEYS)
@@ -86,18 +78,6 @@ async def test_lost_daemon_without_reconnect_fails_pending_calls_instead_of_hang
             serve.proc.wait(timeout=20) if serve.proc.poll() is not None else serve.stop()
 
 
-def _slow_backend(monkeypatch, seconds: float) -> None:
-    """Every batch sits ``seconds`` in blkback's worker thread."""
-    real_io = BlkBackend._io
-
-    def slow_io(self, plans):
-        time.sleep(seconds)
-        return real_io(self, plans)
-
-    monkeypatch.setattr(BlkBackend, "inline_io", False)
-    monkeypatch.setattr(BlkBackend, "_io", slow_io)
-
-
 async def _attached(session) -> BlkFront:
     front = BlkFront(session)
     device = await session.attach(front, 1, BLK_KEYS)
@@ -110,7 +90,7 @@ async def test_cancel_while_waiting_for_the_second_edge_lock_releases_the_first(
     """An unaligned write took its first edge-sector lock, then waited for the
     second one outside the try: cancelled there, it never released the first,
     and every later write to that sector hung."""
-    _slow_backend(monkeypatch, 0.3)
+    slow_backend(monkeypatch, 0.3)
     async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
         front = await _attached(s)
         async with trio.open_nursery() as nursery:
@@ -129,7 +109,7 @@ async def test_a_sector_lock_is_not_replaced_while_a_writer_still_holds_it(monke
     it, although a writer had already taken a reference to it (it was waiting
     for its other edge): the next writer got a fresh lock, and two
     read-modify-writes of one sector ran at once, losing an update."""
-    _slow_backend(monkeypatch, 0.2)
+    slow_backend(monkeypatch, 0.2)
     async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
         front = await _attached(s)
         await front.write(0, bytes(8192))
@@ -161,7 +141,7 @@ async def test_a_closed_pool_buffer_keeps_its_grants_until_its_requests_are_answ
     async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
         front = await _attached(s)
         await front.write(0, b"D" * 4096)
-        _slow_backend(monkeypatch, 0.3)
+        slow_backend(monkeypatch, 0.3)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(front.read, 8192, 4096)  # keeps the backend busy
             await trio.sleep(0.02)
@@ -234,7 +214,7 @@ async def test_callers_waiting_for_a_slot_when_the_device_is_detached_fail_inste
     """With reconnect=True, callers parked for a free slot when the device was
     detached waited on the old free list forever (and a woken one could put a
     slot of the dead ring into the next ring's list)."""
-    _slow_backend(monkeypatch, 0.3)
+    slow_backend(monkeypatch, 0.3)
     async with running_daemon(TOML) as daemon, \
             open_session(daemon.config.socket, reconnect=True) as s:
         front = BlkFront(s)
