@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import threading
@@ -67,6 +66,7 @@ from tests.net_helpers import (
     udp_frame,
     vif,
 )
+from tests.proc_helpers import open_fd_count
 from tests.pvio_daemon import running_daemon, wait_state, watchdog
 
 CAPACITY = 256
@@ -738,9 +738,6 @@ async def test_vif_churn_leaks_no_fds_and_no_ports(daemon):
     """Attach, use and close a two-queue vif 30 times, every other time by breaking
     its TX ring (the disconnect path): the process's fd count and the switch's
     ports come back to where they were (hardening.md: survive churn, no leaks)."""
-    def fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     async with open_session(daemon.config.socket, "a") as sa:
         a = await attach_net(sa)
         counts = []
@@ -759,6 +756,6 @@ async def test_vif_churn_leaks_no_fds_and_no_ports(daemon):
                     assert (await r.receive()).data == frame
                     await r.device.close()
             await trio.testing.wait_all_tasks_blocked()
-            counts.append((fds(), sorted(daemon.switch.ports)))
+            counts.append((open_fd_count(), sorted(daemon.switch.ports)))
         assert counts[-1] == counts[-2] == counts[1], counts
         assert counts[-1][1] == [f"vif{sa.domid}.0"]

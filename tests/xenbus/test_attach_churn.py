@@ -9,13 +9,11 @@ count is what it was, RSS has not grown beyond noise, and the store holds no
 trace of the domain.
 """
 
-import gc
-import os
-
 import trio
 
 from pvio.frontends.console import ConsoleFront
 from pvio.frontends.session import open_session
+from tests.proc_helpers import open_fd_count, rss_bytes
 from tests.pvio_daemon import running_daemon
 
 TOML = """
@@ -26,16 +24,6 @@ name = "churn"
   devid = 0
 """
 CYCLES = 1000
-
-
-def open_fds() -> int:
-    gc.collect()
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 async def test_1000_connect_attach_detach_disconnect_cycles_leave_no_trace():
@@ -58,11 +46,11 @@ async def test_1000_connect_attach_detach_disconnect_cycles_leave_no_trace():
 
         for _ in range(20):  # warm up caches, logs, allocator pools
             await cycle()
-        fds, rss, nodes = open_fds(), rss_kib(), len(store.nodes)
+        fds, rss, nodes = open_fd_count(), rss_bytes(), len(store.nodes)
         for _ in range(CYCLES):
             await cycle()
-        assert open_fds() == fds
+        assert open_fd_count() == fds
         assert len(store.nodes) == nodes
         assert "1" not in store.directory(daemon._root, "/local/domain")
-        growth = rss_kib() - rss
-        assert growth < 16 * 1024, f"RSS grew by {growth} KiB over {CYCLES} cycles"
+        growth = rss_bytes() - rss
+        assert growth < 16 << 20, f"RSS grew by {growth >> 10} KiB over {CYCLES} cycles"

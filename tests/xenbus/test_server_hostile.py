@@ -19,7 +19,6 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
-import gc
 import math
 import os
 import random
@@ -38,25 +37,13 @@ from pvio.xenbus.client import open_client
 from pvio.xenbus.server import XenstoreServer
 from pvio.xenbus.store import Connection, XenstoreError
 from pvio.xenbus.wire import Message, MessageReader
+from tests.proc_helpers import open_fd_count, rss_bytes
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 HOSTILE_MESSAGES = 10_000
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def open_fd_count() -> int:
-    gc.collect()  # sockets of earlier tests that only a collection closes
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
