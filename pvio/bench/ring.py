@@ -13,6 +13,11 @@ bytes cross the process boundary differs:
                RING_PUSH_*_AND_CHECK_NOTIFY says so; wait by spinning in C
                (GIL released, --busy-poll-us), then FINAL_CHECK, then eventfd
   pvio-nopoll  the same ring, sleeping on the eventfd as soon as it is empty
+  pvio-nopoll-noahead
+               the same without wake-ahead (not run by default: it shows what
+               wake-ahead is worth). With it, an end woken with work kicks its
+               peer at once if the peer waits for its next item, so that the
+               peer's halted CPU wakes while the work is done
   socketpair   AF_UNIX stream socketpair carrying the same 112-byte requests
                and 16-byte responses: one sendall per batch, recv_into a
                reused buffer, partial records carried over
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pvio import __version__
-from pvio.bench._common import BenchError, positive, progress, report, standalone
+from pvio.bench._common import BenchError, choices, positive, progress, report, standalone
 from pvio.layouts import BLKIF_MAX_SEGMENTS_PER_REQUEST, XEN_PAGE_SIZE, BlkifOp, BlkifRsp
 from pvio.ring import (
     BLKIF,
@@ -62,6 +67,8 @@ from pvio.ring import (
 )
 
 TRANSPORTS = ("pvio", "pvio-nopoll", "socketpair", "mp.Pipe")
+#: Run only when asked for (--transports): pvio-nopoll without wake-ahead.
+EXTRA_TRANSPORTS = ("pvio-nopoll-noahead",)
 BASELINE = "socketpair"
 DEFAULT_DEPTHS = (1, 32, 256)
 
@@ -257,14 +264,16 @@ def _ring_stats(end, chan, poll: BusyPoll | None) -> dict[str, int]:
         "events_received": chan.received,
         "spin_hits": poll.hits if poll else 0,
         "spin_misses": poll.misses if poll else 0,
+        "wake_ahead_sent": end.wake_ahead_sent,
     }
 
 
 def _ring_backend(shm_fd: int, pages: int, port: int, fds: tuple[int, int],
-                  window_us: float) -> dict:
+                  window_us: float, wake_ahead: bool) -> dict:
     shm = SharedMemory.from_fd(shm_fd, min_size=pages * XEN_PAGE_SIZE, name="bench-ring")
     back = BackRing.attach(BLKIF, shm.page(0, pages))
     chan = EventChannelTable(domid=1).bind_interdomain(0, port, fds)
+    chan.wake_ahead = wake_ahead
     poll = BusyPoll(window_us) if window_us > 0 else None
     out = bytearray(back.nr_ents * RSP_SIZE)
     outv = memoryview(out)
@@ -294,10 +303,11 @@ class _RingClient(_Client):
         self.table = EventChannelTable(domid=0)
         unbound = self.table.alloc_unbound(remote_domid=1)
         self.chan = unbound.channel
+        self.chan.wake_ahead = case.transport != "pvio-nopoll-noahead"
         window = case.busy_poll_us if case.transport == "pvio" else 0.0
         self.poll = BusyPoll(window) if window > 0 else None
         self._start(_ring_backend, (), os.dup(self.shm.fileno()), case.pages, unbound.port,
-                    unbound.peer_fds(), window)
+                    unbound.peer_fds(), window, self.chan.wake_ahead)
         front, chan = self.front, self.chan
         put, push, notify = front.put_requests, front.push_requests, chan.notify
         take, poll, proc = front.take_responses, self.poll, self.proc
@@ -436,6 +446,7 @@ _CTX = multiprocessing.get_context("fork")
 _CLIENTS = {
     "pvio": _RingClient,
     "pvio-nopoll": _RingClient,
+    "pvio-nopoll-noahead": _RingClient,
     "socketpair": _SocketClient,
     "mp.Pipe": _PipeClient,
 }
@@ -718,7 +729,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     cases = report["cases"]
     base = {c["depth"]: c for c in cases if c["transport"] == BASELINE}
-    head = (f"{'transport':<12} {'Q':>4} {'req/s':>11} {'mean µs':>8} {'p50 µs':>7} "
+    w = max(12, *(len(c["transport"]) for c in cases))
+    head = (f"{'transport':<{w}} {'Q':>4} {'req/s':>11} {'mean µs':>8} {'p50 µs':>7} "
             f"{'p99 µs':>7} {'CPUs':>5}  {'vs socketpair':<20}")
     lines = [head, "-" * len(head)]
     depth = None
@@ -735,7 +747,7 @@ def format_table(report: dict[str, Any]) -> str:
         else:
             vs = f"{c['req_per_s'] / b['req_per_s']:.2f}x"
         lines.append(
-            f"{c['transport']:<12} {c['depth']:>4} {c['req_per_s']:>11,.0f} "
+            f"{c['transport']:<{w}} {c['depth']:>4} {c['req_per_s']:>11,.0f} "
             f"{c['mean_us']:>8.1f} {_fmt(c.get('p50_us'), '7.1f'):>7} "
             f"{_fmt(c.get('p99_us'), '7.1f'):>7} "
             f"{c['cpu_frontend'] + c['cpu_backend']:>5.2f}  {vs:<20}"
@@ -845,16 +857,6 @@ def _depths(text: str) -> list[int]:
     return values
 
 
-def _transports(text: str) -> list[str]:
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in values if x not in TRANSPORTS]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(
-            f"unknown transport(s) {', '.join(bad) or text!r}; "
-            f"choose from {', '.join(TRANSPORTS)}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--depths", type=_depths, default=list(DEFAULT_DEPTHS), metavar="Q,Q,...",
@@ -889,9 +891,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the same for the socketpair and mp.Pipe frontends (one sendall/send_bytes "
         "each); 0, the default, sends each refill in one call, their fastest overall")
     parser.add_argument(
-        "--transports", type=_transports, default=list(TRANSPORTS), metavar="T,T,...",
-        help=f"which transports to run (default: {','.join(TRANSPORTS)}); ratios need "
-        f"'{BASELINE}'")
+        "--transports", type=choices(TRANSPORTS + EXTRA_TRANSPORTS),
+        default=list(TRANSPORTS), metavar="T,T,...",
+        help=f"which transports to run (default: {','.join(TRANSPORTS)}; also "
+        f"{','.join(EXTRA_TRANSPORTS)}); ratios need '{BASELINE}'")
     parser.add_argument(
         "--json", action="store_true",
         help="print one JSON object (cases, ratios, targets, machine) instead of the table; "

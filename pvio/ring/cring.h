@@ -16,6 +16,7 @@ typedef struct {
     uint32_t bad_prod;                /* the offending producer index */
     uint64_t notify_sent;             /* push decided the peer must be notified */
     uint64_t notify_suppressed;       /* push decided no notification was needed */
+    uint64_t wake_ahead_sent;         /* peer kicked by pvio_ring_sleep's wake-ahead */
 } pvio_ring;
 
 /* A byte-stream ring (console in/out, one direction of a flex ring). The
@@ -85,11 +86,13 @@ int pvio_evtchn_consume(int fd);
 int pvio_evtchn_send(int fd);
 int pvio_evtchn_wait(int fd, int64_t timeout_ns);
 /* RING_FINAL_CHECK_FOR_* plus the sleep on the end's eventfd, in one call;
- * *stale: the eventfd may hold an event a wake-up left unread (see cring.c). */
+ * *stale: the eventfd may hold an event a wake-up left unread; ahead_fd: the
+ * peer's eventfd for wake-ahead, or -1 (see cring.c). */
 #define PVIO_SLEEP_WORK 1
 #define PVIO_SLEEP_WOKE_WORK 2
 #define PVIO_SLEEP_WOKE_IDLE 3
-int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int64_t timeout_ns);
+int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int ahead_fd,
+                    int64_t timeout_ns);
 
 /* Byte rings (console.h, ring.h flex rings). */
 void pvio_bytering_attach(pvio_bytering *b, uint8_t *buf, uint32_t size,

@@ -57,7 +57,15 @@ class EventChannel:
 
     ``local_fd`` is the eventfd this end waits on; ``remote_fd`` the one it
     raises with :meth:`notify` (``EVTCHNOP_send``).
+
+    ``wake_ahead`` (default on) lets :func:`wait_for_work_blocking` kick the
+    peer as soon as a sleep on a ring ends with work, if the peer is waiting
+    for the next item this end produces: its halted CPU wakes while this end
+    works, instead of after (specs/ring.md, "Wake-ahead"). The peer sees one
+    extra, spurious, event per such wake-up.
     """
+
+    wake_ahead = True
 
     def __init__(self, port: int, local_fd: int, remote_fd: int, *, remote_domid: int,
                  remote_port: int) -> None:
@@ -321,14 +329,18 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
 
     Order matters for no lost wake-up: spin (event not armed, so the producer
     sends nothing), then ``final_check`` arms the event index and re-checks,
-    and only then sleep on the event channel. Returns False on timeout.
+    and only then sleep on the event channel. A ring end's wake-up with work
+    kicks the peer first if ``channel.wake_ahead`` says so. Returns False on
+    timeout.
     """
     if poll is not None and poll.spin(end):
         channel.note_work()
         return True
     ring = getattr(end, "_sleep_args", None)
     if ring is not None:  # a ring end: check, sleep and check again in one C call
-        rc = channel._sleep(_ring_sleep, (*ring, channel.local_fd, channel._stale), timeout)
+        ahead = channel.remote_fd if channel.wake_ahead else -1
+        rc = channel._sleep(_ring_sleep, (*ring, channel.local_fd, channel._stale, ahead),
+                            timeout)
         if rc == _SLEEP_WORK:
             channel.note_work()
             return True

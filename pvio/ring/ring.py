@@ -158,6 +158,11 @@ class _RingEnd:
         """(sent, suppressed) decisions taken by the push operations."""
         return self._r.notify_sent, self._r.notify_suppressed
 
+    @property
+    def wake_ahead_sent(self) -> int:
+        """Kicks sent to the peer by wake-ahead (see :class:`EventChannel`)."""
+        return self._r.wake_ahead_sent
+
     def _raise_broken(self) -> None:
         raise RingBrokenError(
             f"{self.spec.name} ring: " + _ERRORS.get(self._r.error, "broken"), self._r.bad_prod

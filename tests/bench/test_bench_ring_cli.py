@@ -64,6 +64,20 @@ def test_run_benchmark_all_transports():
     assert "Q=256" in bench.format_table(report)  # the target line says n/a
 
 
+def test_wake_ahead_is_on_for_pvio_nopoll_and_off_for_the_noahead_transport():
+    """At depth 1 without busy-poll both ends sleep between round trips: the
+    backend, woken with a request while the frontend waits for its response,
+    kicks the frontend ahead of the response; the -noahead transport never does."""
+    report = bench.run_benchmark([1], transports=["pvio-nopoll", "pvio-nopoll-noahead",
+                                                  "socketpair"], **TINY)
+    cases = {c["transport"]: c for c in report["cases"]}
+    assert all(c["requests"] > 0 for c in cases.values())
+    assert cases["pvio-nopoll"]["backend"]["wake_ahead_sent"] > 0
+    off = cases["pvio-nopoll-noahead"]
+    assert off["backend"]["wake_ahead_sent"] == off["frontend"]["wake_ahead_sent"] == 0
+    assert "pvio-nopoll-noahead" in bench.format_table(report)
+
+
 def test_cli_json(tmp_path):
     cmd = [sys.executable, "-m", "pvio", "bench", "ring", "--json", "--depths", "1,16",
            "--transports", "pvio,socketpair", "--seconds", "0.06", "--warmup", "0.02",

@@ -467,17 +467,102 @@ async def test_wait_for_work_trio(ring_pair, bound):
     assert back.take_requests().nbytes == REQ
 
 
+# ------------------------------------------------------------------ wake-ahead
+
+
+def _wait_until_asleep(thread: threading.Thread) -> None:
+    """Until ``thread`` sleeps in the kernel (state S in /proc: in its poll)."""
+    path = f"/proc/self/task/{thread.native_id}/stat"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                return
+        time.sleep(0.001)
+    raise AssertionError("the sleeper never went to sleep")
+
+
+def _sleep_in_thread(end, channel) -> tuple[threading.Thread, list]:
+    """``end`` sleeps through wait_for_work_blocking in a thread, until it is asleep."""
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(
+        wait_for_work_blocking(end, channel, None, timeout=5)))
+    t.start()
+    _wait_until_asleep(t)
+    return t, result
+
+
+@pytest.mark.parametrize("case", ["armed", "not armed", "switched off"])
+def test_wake_ahead_kicks_a_backend_s_peer_that_waits_for_the_next_response(
+        ring_pair, bound, case):
+    """A backend woken with requests kicks its frontend at once, before any
+    response exists, if the frontend armed rsp_event for the next response
+    (RING_FINAL_CHECK_FOR_RESPONSES) and wake-ahead is on; otherwise the
+    frontend hears nothing until the real notification."""
+    front, back, buf = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    assert front.final_check_for_responses() == 0  # rsp_event = rsp_cons + 1
+    if case == "not armed":
+        struct.pack_into("<I", buf, 12, 100)  # rsp_event far from the next response
+    chan_b.wake_ahead = case != "switched off"
+    t, result = _sleep_in_thread(back, chan_b)
+    _, notify = front.produce(bytes(REQ))
+    assert notify
+    chan_f.notify()
+    t.join(5)
+    assert result == [True] and back.unconsumed_requests == 1
+    kicked = case == "armed"
+    assert back.wake_ahead_sent == int(kicked)
+    assert front.take_responses().nbytes == 0
+    assert chan_f.consume() is kicked
+
+
+def test_wake_ahead_kicks_a_frontend_s_peer_that_waits_for_the_next_request(
+        ring_pair, bound):
+    """The same from the other end: a frontend woken with responses kicks a
+    backend that armed req_event for the next request."""
+    front, back, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    front.produce(bytes(REQ))
+    assert back.take_requests().nbytes == REQ
+    assert back.final_check_for_requests() == 0  # req_event = req_cons + 1
+    assert front.final_check_for_responses() == 0
+    t, result = _sleep_in_thread(front, chan_f)
+    _, notify = back.produce(bytes(RSP))
+    assert notify
+    chan_b.notify()
+    t.join(5)
+    assert result == [True] and front.wake_ahead_sent == 1
+    assert back.take_requests().nbytes == 0
+    assert chan_b.consume() is True
+
+
+def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
+    """Only a wake-up that finds work kicks the peer: two ends that both use
+    wake-ahead cannot kick each other round in a loop of spurious events."""
+    front, back, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    assert front.final_check_for_responses() == 0
+    t, result = _sleep_in_thread(back, chan_b)
+    chan_f.notify()  # an event, but no request
+    t.join(5)
+    assert result == [True] and back.unconsumed_requests == 0
+    assert chan_b.spurious == 1 and back.wake_ahead_sent == 0
+    assert chan_f.consume() is False
+
+
 # ------------------------------------------------------------- lost wake-ups
 
 
-@pytest.mark.parametrize("poll_kind", ["sleep", "busypoll"])
+@pytest.mark.parametrize("poll_kind", ["sleep", "sleep-no-wake-ahead", "busypoll"])
 def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
     """2 threads, 20,000 round trips, one request in flight, over a real ring.
 
     Each side publishes, notifies only if the ring says so, and sleeps through
-    wait_for_work_blocking. A lost wake-up leaves both asleep: each wait has a
-    5 s timeout, so that fails the test instead of hanging it. The indices
-    start below 2**32 so the run also crosses the wrap.
+    wait_for_work_blocking (with and without wake-ahead). A lost wake-up
+    leaves both asleep: each wait has a 5 s timeout, so that fails the test
+    instead of hanging it. The indices start below 2**32 so the run also
+    crosses the wrap.
     """
     rounds = 20_000
     start = 2**32 - rounds // 2
@@ -489,6 +574,8 @@ def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
     front = FrontRing.attach(BLKIF, buf, start)
     back = BackRing.attach(BLKIF, buf, start)
     chan_f, chan_b = pair.a, pair.bind()
+    if poll_kind == "sleep-no-wake-ahead":
+        chan_f.wake_ahead = chan_b.wake_ahead = False
     stop = threading.Event()
     failures: list[str] = []
 
@@ -558,13 +645,19 @@ def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
     elapsed = time.monotonic() - t0
     assert not failures, failures
     assert front.rsp_cons == back.rsp_prod_pvt == (start + rounds) & U32
-    if poll_kind == "sleep":
+    if poll_kind != "busypoll":
         # Without spinning both sides slept on their event channel. How often
         # depends on thread timing (a consumer whose final check already finds
-        # work does not sleep), but every wake-up was a notification the peer
-        # sent (sends coalesce), or the bind's pending event.
+        # work does not sleep), but every wake-up was a notification or a
+        # wake-ahead kick the peer sent (sends coalesce), or the bind's
+        # pending event.
         assert chan_f.received > 0 and chan_b.received > 1
-        assert chan_f.received <= chan_b.sent and chan_b.received <= chan_f.sent + 1
+        assert chan_f.received <= chan_b.sent + back.wake_ahead_sent
+        assert chan_b.received <= chan_f.sent + front.wake_ahead_sent + 1
+        if poll_kind == "sleep":
+            assert back.wake_ahead_sent > 0
+        else:
+            assert back.wake_ahead_sent == front.wake_ahead_sent == 0
     print(f"\nping-pong ({poll_kind}): {rounds / elapsed:,.0f} round trips/s")
     front = back = None  # the ring ends must go before the page is unmapped
     buf.release()
