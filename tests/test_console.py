@@ -761,8 +761,12 @@ def test_guest_console_survives_the_daemon_going_away_without_a_traceback():
     master, wait for it, one line on stderr)."""
     with serving() as own:
         with guest_console(own, "sleep", "30") as (proc, _tty):
-            program = _children(proc.pid)
-            assert program
+            # The console's tty shows up in the store before guest-console
+            # starts the program (it attaches first): wait for the program.
+            deadline = time.monotonic() + 10
+            while not (program := [c for c in _children(proc.pid) if _comm(c) == "sleep"]):
+                assert time.monotonic() < deadline, "guest-console never started its program"
+                time.sleep(0.02)
             own.stop()
             try:
                 proc.wait(timeout=10)
