@@ -419,12 +419,21 @@ int pvio_evtchn_wait(int fd, int64_t timeout_ns)
     }
 }
 
-/* The peer has consumed everything this end produced and armed its event
- * index for the next item (io/ring.h RING_FINAL_CHECK_FOR_*: event = cons + 1). */
-static int peer_waits_for_next(pvio_ring *r, int back)
+/* Wake-ahead's test: the peer has consumed everything this end produced and
+ * armed its event index for the next item (io/ring.h RING_FINAL_CHECK_FOR_*:
+ * event = cons + 1), and was not kicked for that armed value yet. A peer
+ * kicked while we work re-arms the same value when it goes back to sleep;
+ * kicking it again for every later wake-up of ours would make it wake once
+ * per wake-up without work, until its spurious-event budget throttles it
+ * (a backend that answers late wakes once per request). */
+static int kick_peer(pvio_ring *r, int back)
 {
     uint32_t event = back ? RD32(r->sring->rsp_event) : RD32(r->sring->req_event);
-    return !r->error && event == r->prod_pvt + 1;
+    if (r->error || event != r->prod_pvt + 1 || (r->kicked && event == r->kicked_event))
+        return 0;
+    r->kicked_event = event;
+    r->kicked = 1;
+    return 1;
 }
 
 /* The consumer's whole sleep (RING_FINAL_CHECK_FOR_*, then the event
@@ -451,7 +460,9 @@ static int peer_waits_for_next(pvio_ring *r, int back)
  * an AF_UNIX socketpair fast at depth 1 (a read wakes the writer's wait
  * queue, unix_write_space). The kick is a spurious event to the peer, which
  * the protocol allows; only a wake-up with work sends one, so two ends that
- * both do it cannot kick each other in a loop.
+ * both do it cannot kick each other in a loop, and at most one is sent per
+ * value the peer arms (kick_peer), so a peer gets at most one spurious
+ * wake-up per batch of items it consumes.
  *
  * Returns PVIO_SLEEP_WORK (work was there, no sleep), PVIO_SLEEP_WOKE_WORK,
  * PVIO_SLEEP_WOKE_IDLE (an event, but no work: spurious, and cleared), 0 on
@@ -479,7 +490,7 @@ int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int ahead_fd,
             return rc;
         *stale = 1;
         if (check(r)) {
-            if (ahead_fd >= 0 && peer_waits_for_next(r, back) && pvio_evtchn_send(ahead_fd) == 0)
+            if (ahead_fd >= 0 && kick_peer(r, back) && pvio_evtchn_send(ahead_fd) == 0)
                 r->wake_ahead_sent++;
             return PVIO_SLEEP_WOKE_WORK;
         }

@@ -17,6 +17,8 @@ typedef struct {
     uint64_t notify_sent;             /* push decided the peer must be notified */
     uint64_t notify_suppressed;       /* push decided no notification was needed */
     uint64_t wake_ahead_sent;         /* peer kicked by pvio_ring_sleep's wake-ahead */
+    uint32_t kicked_event;            /* the peer's armed event index we last kicked */
+    int32_t kicked;                   /* kicked_event is valid */
 } pvio_ring;
 
 /* A byte-stream ring (console in/out, one direction of a flex ring). The

@@ -128,7 +128,7 @@ class EventChannel:
     #: one costs the waiter a pause of SPURIOUS_PAUSE seconds (xenconsoled's
     #: budget is 30 per 200 ms), so a peer that notifies for nothing costs
     #: bounded CPU. Legitimate traffic resets the count: at most one stale
-    #: wake-up follows each batch of real work.
+    #: wake-up and one wake-ahead kick (cring.c) come with each batch of real work.
     SPURIOUS_BUDGET = 30
     SPURIOUS_PAUSE = 0.2
 

@@ -19,6 +19,7 @@ from pvio.ring import (
     PAGE_SIZE,
     BackRing,
     BusyPoll,
+    EventChannel,
     EventChannelTable,
     FrontRing,
     SharedMemory,
@@ -492,25 +493,37 @@ def _sleep_in_thread(end, channel) -> tuple[threading.Thread, list]:
     return t, result
 
 
+def _ends_at(ring_pair, start: int):
+    """Replace ring_pair's ends by ends attached at index ``start`` (both rings
+    empty, both event indices armed at start + 1, as after a final check)."""
+    buf = ring_pair[2]
+    struct.pack_into("<IIII", buf, 0, start, (start + 1) & U32, start, (start + 1) & U32)
+    ring_pair[:2] = FrontRing.attach(BLKIF, buf, start), BackRing.attach(BLKIF, buf, start)
+    return ring_pair
+
+
+@pytest.mark.parametrize("start", [0, U32], ids=["start 0", "rsp_event wraps to 0"])
 @pytest.mark.parametrize("case", ["armed", "not armed", "switched off"])
 def test_wake_ahead_kicks_a_backend_s_peer_that_waits_for_the_next_response(
-        ring_pair, bound, case):
+        ring_pair, bound, case, start):
     """A backend woken with requests kicks its frontend at once, before any
     response exists, if the frontend armed rsp_event for the next response
     (RING_FINAL_CHECK_FOR_RESPONSES) and wake-ahead is on; otherwise the
     frontend hears nothing until the real notification."""
-    front, back, buf = ring_pair
+    front, back, buf = _ends_at(ring_pair, start)
     chan_f, chan_b = bound.a, bound.b
     assert front.final_check_for_responses() == 0  # rsp_event = rsp_cons + 1
     if case == "not armed":
         struct.pack_into("<I", buf, 12, 100)  # rsp_event far from the next response
     chan_b.wake_ahead = case != "switched off"
+    woken = chan_b.received
     t, result = _sleep_in_thread(back, chan_b)
     _, notify = front.produce(bytes(REQ))
     assert notify
     chan_f.notify()
     t.join(5)
     assert result == [True] and back.unconsumed_requests == 1
+    assert chan_b.received == woken + 1  # it slept and was woken: the path that may kick
     kicked = case == "armed"
     assert back.wake_ahead_sent == int(kicked)
     assert front.take_responses().nbytes == 0
@@ -535,6 +548,59 @@ def test_wake_ahead_kicks_a_frontend_s_peer_that_waits_for_the_next_request(
     assert result == [True] and front.wake_ahead_sent == 1
     assert back.take_requests().nbytes == 0
     assert chan_b.consume() is True
+
+
+def test_regression_wake_ahead_kicks_a_waiting_peer_once_not_once_per_wake_up(bound):
+    """A backend that answers late (it takes 40 requests, woken for each, and
+    answers them all at the end) kicked its waiting frontend on every wake-up:
+    the frontend re-armed the same rsp_event after each kick, woke 40 times
+    for nothing, hit its spurious-event budget and paused 0.2 s before it
+    took the answers. One kick per value the peer arms: one spurious wake-up."""
+    shm = SharedMemory.create(2 * PAGE_SIZE)
+    buf = shm.page(0, 2)
+    front, back = FrontRing.init(BLKIF, buf), BackRing.attach(BLKIF, buf)
+    chan_f, chan_b = bound.a, bound.b
+    n = 40
+    assert EventChannel.SPURIOUS_BUDGET < n <= front.nr_ents
+    taken = threading.Event()
+    answered: list[int] = []
+
+    def backend() -> None:
+        k = 0
+        while k < n:
+            k += back.take_requests().nbytes // REQ
+            if k < n:
+                assert wait_for_work_blocking(back, chan_b, None, timeout=5)
+        taken.set()
+        _, notify = back.produce(bytes(RSP * n))
+        if notify:
+            chan_b.notify()
+
+    def reaper() -> None:
+        while sum(answered) < n:
+            got = front.take_responses().nbytes // RSP
+            if got:
+                answered.append(got)
+            else:
+                assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+
+    threads = [threading.Thread(target=backend), threading.Thread(target=reaper)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        time.sleep(0.002)  # the backend goes back to sleep between requests
+        _, notify = front.produce(bytes(REQ))
+        if notify:
+            chan_f.notify()
+    for t in threads:
+        t.join(10)
+    assert taken.is_set() and sum(answered) == n
+    assert chan_b.received > 2  # woken for requests more than once (1: the bind's event)
+    assert back.wake_ahead_sent == 1
+    assert chan_f.spurious <= 1 and chan_f.throttled == 0
+    front = back = None
+    buf.release()
+    shm.close()
 
 
 def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
