@@ -17,6 +17,7 @@ import pytest
 from pvio._netns import stop_process
 from pvio.bench._net_baselines import IPERF_PORT, iperf3_tcp
 from pvio.bench._netpair import pvio_pair
+from tests.pvio_daemon import READY_LINE
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,6 @@ def test_capture_of_a_switch_port_reads_in_tshark(pair, tmp_path):
 def test_switch_uplink_tap_bridges_the_host_to_a_vif(tmp_path):
     """``[switch] tap``: the daemon's TAP in one namespace, a vif's netfront-tap in
     another; the host side pings the guest side through the switch."""
-    import os
     import sys
     import time
 
@@ -97,9 +97,11 @@ def test_switch_uplink_tap_bridges_the_host_to_a_vif(tmp_path):
             daemon = host.popen(sys.executable, "-m", "pvio", "serve", "--config", str(config),
                                 "--socket", sock, "--data-dir", str(tmp_path / "data"),
                                 stdout=log, stderr=subprocess.STDOUT)
+        # Ready, not just listening: the admin socket exists before the TAP does.
         deadline = time.monotonic() + 20
-        while not os.path.exists(sock + ".admin") and time.monotonic() < deadline:
+        while READY_LINE not in (tmp_path / "daemon.log").read_text():
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
             time.sleep(0.05)
         host.run("ip", "addr", "add", "10.203.0.1/24", "dev", "pvup0")
         with open(tmp_path / "tap.log", "wb") as log:
