@@ -31,6 +31,7 @@ from pvio.layouts import XenbusState as S
 from pvio.ring import RingBrokenError
 from pvio.xenbus.device import DeviceError, backend_path, frontend_path
 from tests.console_helpers import (
+    IN_CONS,
     IN_PROD,
     IN_SIZE,
     OUT_CONS,
@@ -193,7 +194,9 @@ async def test_hostile_backend_publishing_a_bogus_in_prod(monkeypatch):
         page[0:5] = b"hello"
         set_u32(page, IN_PROD, 5)
         be.conn.channel.notify()
-        await trio.sleep(0.2)
+        with trio.move_on_after(10):  # until the frontend took it (it attaches after us)
+            while get_u32(page, IN_CONS) != 5:
+                await trio.sleep(0.01)
         set_u32(page, IN_PROD, 0x80000000)
         be.conn.channel.notify()
 
