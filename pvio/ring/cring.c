@@ -426,14 +426,44 @@ int pvio_evtchn_wait(int fd, int64_t timeout_ns)
  * kicking it again for every later wake-up of ours would make it wake once
  * per wake-up without work, until its spurious-event budget throttles it
  * (a backend that answers late wakes once per request). */
-static int kick_peer(pvio_ring *r, int back)
+static int kick_wanted(pvio_ring *r, int back)
 {
     uint32_t event = back ? RD32(r->sring->rsp_event) : RD32(r->sring->req_event);
     if (r->error || event != r->prod_pvt + 1 || (r->kicked && event == r->kicked_event))
         return 0;
     r->kicked_event = event;
     r->kicked = 1;
+    if (r->kick_skip) {
+        r->kick_skip--;
+        return 0;
+    }
     return 1;
+}
+
+#define PVIO_KICK_BACKOFF_MAX 1024
+
+/* Kick the peer (wake-ahead), then look whether the kick is still pending.
+ * A peer on another CPU is still waking up: pending, the kick pays. A peer
+ * that shares our CPU (pinned, or put there by the scheduler while another
+ * process keeps the other CPUs busy) was switched to at once, found nothing,
+ * took the event and slept again before we ran on: two context switches for
+ * nothing, which halved the depth-1 round-trip rate on one CPU. Then back
+ * off: skip the next 1, 2, 4 ... 1024 kicks, and try again; a kick found
+ * pending halves the back-off. */
+static void kick_peer(pvio_ring *r, int fd)
+{
+    if (pvio_evtchn_send(fd) != 0)
+        return;
+    r->wake_ahead_sent++;
+    if (poll_in(fd, 0, 0) == 1) {
+        r->kick_backoff /= 2;  /* one pending kick is weak evidence: a peer on */
+        return;                /* our CPU may simply not have run yet */
+    }
+    r->wake_ahead_wasted++;
+    r->kick_backoff = r->kick_backoff ? r->kick_backoff * 2 : 1;
+    if (r->kick_backoff > PVIO_KICK_BACKOFF_MAX)
+        r->kick_backoff = PVIO_KICK_BACKOFF_MAX;
+    r->kick_skip = r->kick_backoff;
 }
 
 /* The consumer's whole sleep (RING_FINAL_CHECK_FOR_*, then the event
@@ -490,8 +520,8 @@ int pvio_ring_sleep(pvio_ring *r, int back, int fd, int *stale, int ahead_fd,
             return rc;
         *stale = 1;
         if (check(r)) {
-            if (ahead_fd >= 0 && kick_peer(r, back) && pvio_evtchn_send(ahead_fd) == 0)
-                r->wake_ahead_sent++;
+            if (ahead_fd >= 0 && kick_wanted(r, back))
+                kick_peer(r, ahead_fd);
             return PVIO_SLEEP_WOKE_WORK;
         }
         rc = pvio_evtchn_consume(fd);

@@ -61,8 +61,9 @@ class EventChannel:
     ``wake_ahead`` (default on) lets :func:`wait_for_work_blocking` kick the
     peer as soon as a sleep on a ring ends with work, if the peer is waiting
     for the next item this end produces: its halted CPU wakes while this end
-    works, instead of after (specs/ring.md, "Wake-ahead"). The peer sees one
-    extra, spurious, event per such wake-up.
+    works, instead of after (specs/ring.md §2.8). The peer sees at most one
+    extra, spurious, event per batch it consumes; kicks that a peer on our
+    own CPU takes at once (wasted) make the ring end back off.
     """
 
     wake_ahead = True

@@ -525,7 +525,7 @@ def test_wake_ahead_kicks_a_backend_s_peer_that_waits_for_the_next_response(
     assert result == [True] and back.unconsumed_requests == 1
     assert chan_b.received == woken + 1  # it slept and was woken: the path that may kick
     kicked = case == "armed"
-    assert back.wake_ahead_sent == int(kicked)
+    assert back.wake_ahead[0] == int(kicked)
     assert front.take_responses().nbytes == 0
     assert chan_f.consume() is kicked
 
@@ -545,7 +545,7 @@ def test_wake_ahead_kicks_a_frontend_s_peer_that_waits_for_the_next_request(
     assert notify
     chan_b.notify()
     t.join(5)
-    assert result == [True] and front.wake_ahead_sent == 1
+    assert result == [True] and front.wake_ahead[0] == 1
     assert back.take_requests().nbytes == 0
     assert chan_b.consume() is True
 
@@ -596,11 +596,53 @@ def test_regression_wake_ahead_kicks_a_waiting_peer_once_not_once_per_wake_up(bo
         t.join(10)
     assert taken.is_set() and sum(answered) == n
     assert chan_b.received > 2  # woken for requests more than once (1: the bind's event)
-    assert back.wake_ahead_sent == 1
+    assert back.wake_ahead[0] == 1
     assert chan_f.spurious <= 1 and chan_f.throttled == 0
     front = back = None
     buf.release()
     shm.close()
+
+
+@pytest.mark.parametrize("peer", ["still asleep", "took every kick at once"])
+def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_pair, peer):
+    """A kick the peer has already taken when the kicker looks right after
+    sending it went to a peer on the kicker's own CPU (it was switched to,
+    found nothing and slept again): wasted. The kicker then skips the next
+    1, 2, 4, ... kicks; kicks still pending (a peer waking on another CPU)
+    keep it kicking every time. A pipe's write end stands in for a peer that
+    takes every kick at once: writes succeed, and it never polls readable."""
+    front, back, _ = ring_pair
+    local = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    if peer == "still asleep":
+        remote = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        extra = None
+    else:
+        extra, remote = os.pipe()
+    chan = EventChannel(1, local, remote, remote_domid=0, remote_port=1)
+    try:
+        kicked_rounds = []
+        for i in range(1, 21):
+            assert front.final_check_for_responses() == 0  # armed for the next response
+            t, result = _sleep_in_thread(back, chan)
+            front.produce(bytes(REQ))
+            os.eventfd_write(local, 1)
+            t.join(5)
+            assert result == [True]
+            if back.wake_ahead[0] > len(kicked_rounds):
+                kicked_rounds.append(i)
+            assert back.take_requests().nbytes == REQ
+            back.produce(bytes(RSP))
+            assert front.take_responses().nbytes == RSP
+        if peer == "still asleep":
+            assert kicked_rounds == list(range(1, 21))
+            assert back.wake_ahead == (20, 0)
+        else:
+            assert kicked_rounds == [1, 3, 6, 11, 20]  # skips 1, 2, 4, 8 kicks
+            assert back.wake_ahead == (5, 5)
+    finally:
+        for fd in (local, remote, extra):
+            if fd is not None:
+                os.close(fd)
 
 
 def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
@@ -613,7 +655,7 @@ def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
     chan_f.notify()  # an event, but no request
     t.join(5)
     assert result == [True] and back.unconsumed_requests == 0
-    assert chan_b.spurious == 1 and back.wake_ahead_sent == 0
+    assert chan_b.spurious == 1 and back.wake_ahead[0] == 0
     assert chan_f.consume() is False
 
 
@@ -718,12 +760,12 @@ def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
         # wake-ahead kick the peer sent (sends coalesce), or the bind's
         # pending event.
         assert chan_f.received > 0 and chan_b.received > 1
-        assert chan_f.received <= chan_b.sent + back.wake_ahead_sent
-        assert chan_b.received <= chan_f.sent + front.wake_ahead_sent + 1
+        assert chan_f.received <= chan_b.sent + back.wake_ahead[0]
+        assert chan_b.received <= chan_f.sent + front.wake_ahead[0] + 1
         if poll_kind == "sleep":
-            assert back.wake_ahead_sent > 0
+            assert back.wake_ahead[0] > 0
         else:
-            assert back.wake_ahead_sent == front.wake_ahead_sent == 0
+            assert back.wake_ahead[0] == front.wake_ahead[0] == 0
     print(f"\nping-pong ({poll_kind}): {rounds / elapsed:,.0f} round trips/s")
     front = back = None  # the ring ends must go before the page is unmapped
     buf.release()
