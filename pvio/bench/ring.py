@@ -264,8 +264,8 @@ def _ring_stats(end, chan, poll: BusyPoll | None) -> dict[str, int]:
         "events_received": chan.received,
         "spin_hits": poll.hits if poll else 0,
         "spin_misses": poll.misses if poll else 0,
-        "wake_ahead_sent": end.wake_ahead[0],
-        "wake_ahead_wasted": end.wake_ahead[1],
+        "wake_ahead_sent": end.wake_ahead_stats[0],
+        "wake_ahead_wasted": end.wake_ahead_stats[1],
     }
 
 

@@ -425,7 +425,9 @@ int pvio_evtchn_wait(int fd, int64_t timeout_ns)
  * kicked while we work re-arms the same value when it goes back to sleep;
  * kicking it again for every later wake-up of ours would make it wake once
  * per wake-up without work, until its spurious-event budget throttles it
- * (a backend that answers late wakes once per request). */
+ * (a backend that answers late wakes once per request). While backing off
+ * (kick_peer), an armed value passed over counts as one skipped kick and is
+ * recorded too, so a late answer's wake-ups do not use up the skips. */
 static int kick_wanted(pvio_ring *r, int back)
 {
     uint32_t event = back ? RD32(r->sring->rsp_event) : RD32(r->sring->req_event);
@@ -448,14 +450,19 @@ static int kick_wanted(pvio_ring *r, int back)
  * process keeps the other CPUs busy) was switched to at once, found nothing,
  * took the event and slept again before we ran on: two context switches for
  * nothing, which halved the depth-1 round-trip rate on one CPU. Then back
- * off: skip the next 1, 2, 4 ... 1024 kicks, and try again; a kick found
- * pending halves the back-off. */
+ * off: pass over the next 1, 2, 4 ... 1024 armed values without a kick, and
+ * try again; a kick found pending halves the back-off. */
 static void kick_peer(pvio_ring *r, int fd)
 {
+    struct pollfd p = {fd, POLLIN, 0};
+    int rc;
     if (pvio_evtchn_send(fd) != 0)
         return;
     r->wake_ahead_sent++;
-    if (poll_in(fd, 0, 0) == 1) {
+    rc = poll(&p, 1, 0);
+    if (rc < 0 || (p.revents & POLLNVAL))
+        return;  /* no verdict */
+    if (rc > 0) {
         r->kick_backoff /= 2;  /* one pending kick is weak evidence: a peer on */
         return;                /* our CPU may simply not have run yet */
     }
@@ -491,8 +498,9 @@ static void kick_peer(pvio_ring *r, int fd)
  * queue, unix_write_space). The kick is a spurious event to the peer, which
  * the protocol allows; only a wake-up with work sends one, so two ends that
  * both do it cannot kick each other in a loop, and at most one is sent per
- * value the peer arms (kick_peer), so a peer gets at most one spurious
- * wake-up per batch of items it consumes.
+ * value the peer arms (kick_wanted), so a peer gets at most one spurious
+ * wake-up per batch of items it consumes. Kicks a peer on our own CPU takes
+ * at once are wasted: then wake-ahead backs off (kick_peer).
  *
  * Returns PVIO_SLEEP_WORK (work was there, no sleep), PVIO_SLEEP_WOKE_WORK,
  * PVIO_SLEEP_WOKE_IDLE (an event, but no work: spurious, and cleared), 0 on

@@ -159,7 +159,7 @@ class _RingEnd:
         return self._r.notify_sent, self._r.notify_suppressed
 
     @property
-    def wake_ahead(self) -> tuple[int, int]:
+    def wake_ahead_stats(self) -> tuple[int, int]:
         """(sent, wasted) wake-ahead kicks (see :class:`EventChannel`): wasted
         ones the peer had taken before this end ran on (it shares our CPU)."""
         return self._r.wake_ahead_sent, self._r.wake_ahead_wasted

@@ -472,15 +472,16 @@ async def test_wait_for_work_trio(ring_pair, bound):
 
 
 def _wait_until_asleep(thread: threading.Thread) -> None:
-    """Until ``thread`` sleeps in the kernel (state S in /proc: in its poll)."""
-    path = f"/proc/self/task/{thread.native_id}/stat"
+    """Until ``thread`` sleeps in its poll (its kernel wait channel says so; a
+    thread that waits for the GIL sleeps too, but in a futex)."""
+    path = f"/proc/self/task/{thread.native_id}/wchan"
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         with open(path) as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "S":
+            if "poll" in f.read():
                 return
         time.sleep(0.001)
-    raise AssertionError("the sleeper never went to sleep")
+    raise AssertionError("the sleeper never went to sleep in its poll")
 
 
 def _sleep_in_thread(end, channel) -> tuple[threading.Thread, list]:
@@ -525,7 +526,7 @@ def test_wake_ahead_kicks_a_backend_s_peer_that_waits_for_the_next_response(
     assert result == [True] and back.unconsumed_requests == 1
     assert chan_b.received == woken + 1  # it slept and was woken: the path that may kick
     kicked = case == "armed"
-    assert back.wake_ahead[0] == int(kicked)
+    assert back.wake_ahead_stats[0] == int(kicked)
     assert front.take_responses().nbytes == 0
     assert chan_f.consume() is kicked
 
@@ -545,7 +546,7 @@ def test_wake_ahead_kicks_a_frontend_s_peer_that_waits_for_the_next_request(
     assert notify
     chan_b.notify()
     t.join(5)
-    assert result == [True] and front.wake_ahead[0] == 1
+    assert result == [True] and front.wake_ahead_stats[0] == 1
     assert back.take_requests().nbytes == 0
     assert chan_b.consume() is True
 
@@ -596,53 +597,64 @@ def test_regression_wake_ahead_kicks_a_waiting_peer_once_not_once_per_wake_up(bo
         t.join(10)
     assert taken.is_set() and sum(answered) == n
     assert chan_b.received > 2  # woken for requests more than once (1: the bind's event)
-    assert back.wake_ahead[0] == 1
+    assert back.wake_ahead_stats[0] == 1
     assert chan_f.spurious <= 1 and chan_f.throttled == 0
     front = back = None
     buf.release()
     shm.close()
 
 
-@pytest.mark.parametrize("peer", ["still asleep", "took every kick at once"])
-def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_pair, peer):
+def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_pair):
     """A kick the peer has already taken when the kicker looks right after
-    sending it went to a peer on the kicker's own CPU (it was switched to,
-    found nothing and slept again): wasted. The kicker then skips the next
-    1, 2, 4, ... kicks; kicks still pending (a peer waking on another CPU)
-    keep it kicking every time. A pipe's write end stands in for a peer that
-    takes every kick at once: writes succeed, and it never polls readable."""
+    sending it went to a peer on the kicker's own CPU (switched to at once, it
+    found nothing and slept again): wasted. The kicker then passes over the
+    next 1, 2, 4, ... (at most 1024) armed values without a kick; a kick still
+    pending (a peer waking on another CPU) halves the back-off, and only
+    wasted kicks make it skip. A pipe's write end stands in for a peer that
+    takes every kick at once (writes succeed, it never polls readable), an
+    eventfd nobody reads for one still asleep."""
     front, back, _ = ring_pair
     local = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    if peer == "still asleep":
-        remote = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        extra = None
-    else:
-        extra, remote = os.pipe()
-    chan = EventChannel(1, local, remote, remote_domid=0, remote_port=1)
-    try:
-        kicked_rounds = []
-        for i in range(1, 21):
+    asleep = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    pipe_r, quick = os.pipe()
+    chan = EventChannel(1, local, quick, remote_domid=0, remote_port=1)
+    kicked_rounds: list[int] = []
+
+    def rounds(first: int, last: int, requests: int = 1) -> None:
+        """Each round arms one value; the backend wakes once per request, then answers."""
+        for i in range(first, last + 1):
             assert front.final_check_for_responses() == 0  # armed for the next response
-            t, result = _sleep_in_thread(back, chan)
-            front.produce(bytes(REQ))
-            os.eventfd_write(local, 1)
-            t.join(5)
-            assert result == [True]
-            if back.wake_ahead[0] > len(kicked_rounds):
+            for _ in range(requests):
+                woken = chan.received
+                t, result = _sleep_in_thread(back, chan)
+                front.produce(bytes(REQ))
+                os.eventfd_write(local, 1)
+                t.join(5)
+                assert result == [True] and chan.received == woken + 1  # slept, woke with work
+                assert back.take_requests().nbytes == REQ
+            if back.wake_ahead_stats[0] > len(kicked_rounds):
                 kicked_rounds.append(i)
-            assert back.take_requests().nbytes == REQ
-            back.produce(bytes(RSP))
-            assert front.take_responses().nbytes == RSP
-        if peer == "still asleep":
-            assert kicked_rounds == list(range(1, 21))
-            assert back.wake_ahead == (20, 0)
-        else:
-            assert kicked_rounds == [1, 3, 6, 11, 20]  # skips 1, 2, 4, 8 kicks
-            assert back.wake_ahead == (5, 5)
+            back.produce(bytes(RSP * requests))
+            assert front.take_responses().nbytes == RSP * requests
+
+    try:
+        rounds(1, 3)  # every kick wasted: back-off 1, then 2
+        rounds(4, 4, requests=3)  # three wake-ups, one armed value: one of the 2 skips
+        rounds(5, 20)  # back-off 4, 8, 16
+        assert kicked_rounds == [1, 3, 6, 11, 20]
+        chan.remote_fd = asleep
+        rounds(21, 40)  # 16 passed over, then pending kicks halve it: 8, 4, 2, 1
+        assert kicked_rounds[5:] == [37, 38, 39, 40]
+        chan.remote_fd = quick
+        rounds(41, 44)  # from 1: wasted again, back-off 2, then 4
+        assert kicked_rounds[9:] == [41, 44]
+        assert back.wake_ahead_stats == (11, 7)
+        back._r.kick_backoff, back._r.kick_skip = 1024, 0
+        rounds(45, 45)  # a wasted kick at the cap stays at the cap
+        assert kicked_rounds[-1] == 45 and back._r.kick_skip == 1024
     finally:
-        for fd in (local, remote, extra):
-            if fd is not None:
-                os.close(fd)
+        for fd in (local, asleep, pipe_r, quick):
+            os.close(fd)
 
 
 def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
@@ -655,7 +667,7 @@ def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
     chan_f.notify()  # an event, but no request
     t.join(5)
     assert result == [True] and back.unconsumed_requests == 0
-    assert chan_b.spurious == 1 and back.wake_ahead[0] == 0
+    assert chan_b.spurious == 1 and back.wake_ahead_stats[0] == 0
     assert chan_f.consume() is False
 
 
@@ -760,12 +772,12 @@ def test_ping_pong_has_no_lost_wakeup(pair, poll_kind):
         # wake-ahead kick the peer sent (sends coalesce), or the bind's
         # pending event.
         assert chan_f.received > 0 and chan_b.received > 1
-        assert chan_f.received <= chan_b.sent + back.wake_ahead[0]
-        assert chan_b.received <= chan_f.sent + front.wake_ahead[0] + 1
+        assert chan_f.received <= chan_b.sent + back.wake_ahead_stats[0]
+        assert chan_b.received <= chan_f.sent + front.wake_ahead_stats[0] + 1
         if poll_kind == "sleep":
-            assert back.wake_ahead[0] > 0
+            assert back.wake_ahead_stats[0] > 0
         else:
-            assert back.wake_ahead[0] == front.wake_ahead[0] == 0
+            assert back.wake_ahead_stats[0] == front.wake_ahead_stats[0] == 0
     print(f"\nping-pong ({poll_kind}): {rounds / elapsed:,.0f} round trips/s")
     front = back = None  # the ring ends must go before the page is unmapped
     buf.release()
