@@ -32,6 +32,12 @@ from pvio.netif import (
 FLAG_BITS = (1, 2, 4, 8)
 
 
+def _random_flags(rng: random.Random, p_more_data: float, p_other: float) -> int:
+    """Slot flags, each bit drawn on its own (bit 4, more_data, with its own odds)."""
+    return sum(bit for bit in FLAG_BITS
+               if rng.random() < (p_more_data if bit == 4 else p_other))
+
+
 def _tx_slots(rng: random.Random, count: int) -> bytes:
     out = []
     for _ in range(count):
@@ -44,10 +50,7 @@ def _tx_slots(rng: random.Random, count: int) -> bytes:
             struct.pack_into("<H", raw, 8, rng.randrange(65536))
             out.append(bytes(raw))
             continue
-        flags = 0
-        for bit in FLAG_BITS:
-            if rng.random() < (0.5 if bit == 4 else 0.25):
-                flags |= bit
+        flags = _random_flags(rng, 0.5, 0.25)
         size = rng.choice((0, 10, 14, 60, 1500, 4096, 4097, 9000, 65535, rng.randrange(65536)))
         offset = rng.choice((0, 0, 0, 100, 4000, 4096, rng.randrange(65536)))
         out.append(TX_REQ.pack(rng.randrange(1 << 32), offset, flags, rng.randrange(65536),
@@ -117,10 +120,7 @@ def _rx_slots(rng: random.Random, count: int) -> bytes:
                             rng.choice((0, 1448, 1448)), rng.choice((1, 2, 2, 3)), 0, 0)
             out.append(bytes(raw))
             continue
-        flags = 0
-        for bit in FLAG_BITS:
-            if rng.random() < (0.4 if bit == 4 else 0.15):
-                flags |= bit
+        flags = _random_flags(rng, 0.4, 0.15)
         hostile = rng.random() < 0.05
         status = rng.randrange(-32768, 32768) if hostile else rng.choice((0, 60, 1500, 4096, -1))
         offset = rng.randrange(65536) if hostile else rng.choice((0, 0, 0, 10))
