@@ -258,14 +258,15 @@ class _Client:
 
 def _ring_stats(end, chan, poll: BusyPoll | None) -> dict[str, int]:
     sent, suppressed = end.notifications
+    kicks, wasted = end.wake_ahead_stats
     return {
         "notify_sent": sent,
         "notify_suppressed": suppressed,
         "events_received": chan.received,
         "spin_hits": poll.hits if poll else 0,
         "spin_misses": poll.misses if poll else 0,
-        "wake_ahead_sent": end.wake_ahead_stats[0],
-        "wake_ahead_wasted": end.wake_ahead_stats[1],
+        "wake_ahead_sent": kicks,
+        "wake_ahead_wasted": wasted,
     }
 
 
