@@ -171,8 +171,9 @@ class BlkBackend(RingBackendDriver):
         suppressed = sum(r.notifications[1] for r in self._rings)
         out.update(errors=self.stats.errors, in_flight=self.stats.in_flight,
                    batches=self.stats.batches, max_batch=self.stats.max_batch,
+                   # the rings' shared indices, only while they are mapped
                    ring_occupancy=sum(r.unconsumed_requests + r.pending_responses
-                                      for r in self._rings),
+                                      for r in self._rings) if self.conn else 0,
                    notify_sent=sent, notify_suppressed=suppressed, queues=len(self._rings))
         return out
 

@@ -298,6 +298,7 @@ class NetBackend(RingBackendDriver):
     def statistics(self) -> dict[str, int]:
         s = self.stats
         port = self.port.stats if self.port is not None else None
+        mapped = self._queues if self.conn else []  # shared indices only while mapped
         return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
                 "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "rx_errors": s.rx_errors,
                 "rx_dropped": s.rx_dropped + (port.dropped if port else 0),
@@ -306,8 +307,8 @@ class NetBackend(RingBackendDriver):
                 # what the frontend has posted and we have not used yet (held: taken
                 # off the ring, too few for the next frame)
                 "rx_posted": sum(q.rx.unconsumed_requests + len(q.held) // RX_REQ.size
-                                 for q in self._queues if not q.rx.broken),
-                "tx_pending": sum(q.tx.unconsumed_requests for q in self._queues
+                                 for q in mapped if not q.rx.broken),
+                "tx_pending": sum(q.tx.unconsumed_requests for q in mapped
                                   if not q.tx.broken)}
 
     async def stop(self) -> None:

@@ -27,10 +27,12 @@ import pytest
 import trio
 import trio.testing
 
-from pvio.frontends.netfront import NET_KEYS
+from pvio.daemon import Daemon
+from pvio.frontends.netfront import NET_KEYS, NetFront
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
 from pvio.netif import Frame, Offload
+from pvio.xenbus.device import DeviceError
 from tests.net_helpers import (
     BCAST,
     EXTRA_TYPE_GSO,
@@ -759,3 +761,30 @@ async def test_vif_churn_leaks_no_fds_and_no_ports(daemon):
             counts.append((open_fd_count(), sorted(daemon.switch.ports)))
         assert counts[-1] == counts[-2] == counts[1], counts
         assert counts[-1][1] == [f"vif{sa.domid}.0"]
+
+
+async def test_regression_statistics_do_not_read_a_vif_s_unmapped_rings(monkeypatch):
+    """A frontend that gives up between the backend's Connected and its own
+    (here: its attach fails) makes the daemon unmap the vif's rings while the
+    device is still listed: the statistics task then read the rings' indices
+    from the unmapped pages, a segfault of the daemon (seen with blkback)."""
+    monkeypatch.setattr(Daemon, "STATISTICS_INTERVAL", 0.02)
+
+    async def gives_up(self, backend):
+        raise DeviceError("this frontend gives up")
+
+    async with running_daemon(CONFIG) as daemon, \
+            open_session(daemon.config.socket, "a") as sa:
+        monkeypatch.setattr(NetFront, "attach", gives_up)
+        front = NetFront(sa)
+        device = await sa.attach(front, 0, NET_KEYS)
+        with trio.fail_after(10):
+            while device.status.state != S.Closed:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # the statistics task runs ten times meanwhile
+        monkeypatch.undo()
+        async with open_session(daemon.config.socket, "b") as sb:
+            a, b = await attach_net(sa), await attach_net(sb)
+            frame = eth(b.mac, a.mac, payload(100))
+            await a.send(frame)
+            assert (await b.receive()).data == frame  # the daemon still serves
