@@ -246,16 +246,22 @@ class BlkFront(RingFrontendDriver):
     async def attach(self, backend: dict[str, bytes | None]) -> None:
         await super().attach(backend)
         previous = self.sector_size
-        self.sectors = _num(backend.get("sectors"))
-        self.sector_size = _num(backend.get("sector-size"), 512)
+        sectors = _num(backend.get("sectors"))
+        sector_size = _num(backend.get("sector-size"), 512)
+        # Checked before anything keeps them: a bad unit must not become the
+        # "previous" one the next attach compares against.
+        if sector_size < 512 or sector_size & (sector_size - 1) \
+                or sector_size > XEN_PAGE_SIZE:
+            self.error = f"backend published a bad sector-size {sector_size}"
+            raise BlkDeviceError(self.error)
+        if sectors < 0 or sectors * sector_size >= 1 << 63:  # beyond any file offset
+            self.error = f"backend published a bad sectors {sectors}"
+            raise BlkDeviceError(self.error)
+        self.sectors, self.sector_size = sectors, sector_size
         self.readonly = bool(_num(backend.get("info")) & VDISK_READONLY)
         self.features = {k: _num(backend.get(k)) for k in (
             "feature-flush-cache", "feature-barrier", "feature-discard",
             "feature-max-indirect-segments", "discard-granularity")}
-        if self.sector_size < 512 or self.sector_size & (self.sector_size - 1) \
-                or self.sector_size > XEN_PAGE_SIZE:
-            self.error = f"backend published a bad sector-size {self.sector_size}"
-            raise BlkDeviceError(self.error)
         self.error = None
         if self.sector_size != previous and any(slot.op >= 0 for slot in self._slots):
             # The shadows count sectors in the old unit: replaying them would

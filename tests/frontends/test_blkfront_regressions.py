@@ -6,8 +6,11 @@ import signal
 import pytest
 import trio
 
+from pvio.backends import blkback
+from pvio.daemon import Daemon
 from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError, BlkFront
 from pvio.frontends.session import open_session
+from pvio.layouts import XenbusState
 from tests.blk_helpers import slow_backend
 from tests.pvio_daemon import ServeProcess, running_daemon, short_tmpdir
 
@@ -244,3 +247,32 @@ async def test_callers_waiting_for_a_slot_when_the_device_is_detached_fail_inste
                                         for o in failed)
         with pytest.raises(BlkDeviceError, match="not attached"):
             await front.read(0, 512)
+
+
+@pytest.mark.parametrize(("key", "value"), [("sector-size", "1000"), ("sectors", "-8")])
+async def test_bad_disk_geometry_closes_the_device_and_the_daemon_survives(
+        monkeypatch, key, value):
+    """A backend publishing an impossible sector-size or sectors: blkfront kept
+    the bad sector-size before checking it (the next attach compared against
+    it) and accepted any sectors. The frontend then closed the device before it
+    connected, the daemon unmapped the rings, and its statistics task read the
+    rings' indices from the unmapped pages: a segfault of the whole process."""
+    monkeypatch.setattr(Daemon, "STATISTICS_INTERVAL", 0.02)
+    start = blkback.BlkBackend.start
+
+    async def publishes_bad_geometry(self, conn, frontend):
+        return {**await start(self, conn, frontend), key: value}
+
+    monkeypatch.setattr(blkback.BlkBackend, "start", publishes_bad_geometry)
+    async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as session:
+        front = BlkFront(session)
+        device = await session.attach(front, 1, BLK_KEYS)
+        with trio.fail_after(10):
+            while device.status.state != XenbusState.Closed:
+                await trio.sleep(0.01)
+        assert device.status.last_error == f"backend published a bad {key} {value}"
+        assert not device.connected.is_set()
+        assert (front.sector_size, front.sectors) == (512, 0)  # nothing bad was kept
+        await trio.sleep(0.2)  # the statistics task runs ten times meanwhile
+        monkeypatch.undo()
+        assert (await _attached(session)).size == 8 << 20  # the daemon still serves
