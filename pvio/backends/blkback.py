@@ -244,6 +244,10 @@ class BlkBackend(RingBackendDriver):
                     channel.notify()
                 self.stats.batches += 1
                 self.stats.max_batch = max(self.stats.max_batch, n)
+                # One checkpoint per batch: inline I/O and a busy-poll that finds
+                # work never yield, and a busy frontend would starve every other
+                # task of the daemon (other devices, the store).
+                await trio.lowlevel.checkpoint()
         finally:
             self._fast.remove(fast)
             self._fold(fast)
@@ -270,8 +274,8 @@ class BlkBackend(RingBackendDriver):
                 continue
             plans.append((i, req, iov))
         self.stats.in_flight += len(plans)
-        try:
-            done = await trio.to_thread.run_sync(self._io, plans)
+        try:  # refused requests alone need no I/O, so no trip to a worker thread
+            done = await trio.to_thread.run_sync(self._io, plans) if plans else []
         finally:
             self.stats.in_flight -= len(plans)
             for ref, writable in pinned:

@@ -25,6 +25,7 @@ import threading
 import pytest
 import trio
 
+from pvio import blkif
 from pvio import daemon as daemon_mod
 from pvio.backends import blkback
 from pvio.backends.blkback import BlkBackend
@@ -784,3 +785,40 @@ async def test_regression_two_queues_breaking_at_once_close_the_device_once(daem
             await device.closed.wait()
         assert backend_device(daemon, "evil", XVDA).driver.conn is None
         await cotenant.progress(5)  # the daemon is alive and serving
+
+
+async def test_regression_a_frontend_that_keeps_the_ring_busy_does_not_starve_the_daemon(
+        daemon, cotenant):
+    """A frontend in another thread (as if in another process) refills its ring
+    as fast as answers come back. With the inline fast path and busy-poll the
+    vbd's service never reached a trio checkpoint: it always found more work,
+    and every other task of the daemon (here the co-tenant's device) starved."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, _ = await attach_raw(s, XVDA)
+        _, ref, _ = raw.page()
+        ring, channel = raw.ring, raw.channel
+        stop = threading.Event()
+        answered = [0]
+
+        def refill() -> None:
+            rid = 0
+            while not stop.is_set():
+                answered[0] += len(ring.take_responses()) // blkif.RSP_SIZE
+                reqs = []
+                while ring.free_requests > len(reqs):
+                    reqs.append(rw_req(R, rid, 0, [(ref, 0, 7)]))
+                    rid += 1
+                if reqs:
+                    _, notify = ring.produce(b"".join(reqs))
+                    if notify:
+                        channel.notify()
+
+        thread = threading.Thread(target=refill)
+        thread.start()
+        try:
+            await cotenant.progress(3, timeout=10)
+        finally:
+            stop.set()
+            await trio.to_thread.run_sync(thread.join)
+        assert answered[0] > 0
+        assert backend_device(daemon, "evil").status.state == S.Connected
