@@ -117,9 +117,10 @@ class EventChannel:
         the fd, cleared ``O_NONBLOCK`` on it (a blocking read would stall our
         whole event loop)."""
         rc = _consume(self.local_fd)
-        self._stale[0] = 0
+        counted, self._stale[0] = self._stale[0], 0  # a ring sleep's wake-up counted it
         if rc > 0:
-            self.received += 1
+            if not counted:
+                self.received += 1
             return True
         if rc == 0:
             return False

@@ -657,6 +657,22 @@ def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_p
             os.close(fd)
 
 
+def test_regression_an_event_left_unread_by_a_ring_sleep_is_counted_once(ring_pair, bound):
+    """A ring sleep that wakes with work counts the event and leaves it unread;
+    consume() then read it and counted it again."""
+    front, back, _ = ring_pair
+    woken = bound.b.received
+    t, result = _sleep_in_thread(back, bound.b)
+    front.produce(bytes(REQ))
+    bound.a.notify()
+    t.join(5)
+    assert result == [True] and bound.b.received == woken + 1
+    assert bound.b.consume() is True  # the event the wake-up left in the eventfd
+    assert bound.b.received == woken + 1
+    bound.a.notify()
+    assert bound.b.consume() is True and bound.b.received == woken + 2
+
+
 def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
     """Only a wake-up that finds work kicks the peer: two ends that both use
     wake-ahead cannot kick each other round in a loop of spurious events."""
