@@ -48,17 +48,7 @@ class Port:
     taps: list[Tap] = field(default_factory=list)
 
     def enqueue(self, frame: Frame) -> bool:
-        if len(self.queue) >= self.capacity:
-            self.stats.dropped += 1
-            return False
-        self.queue.append(frame)
-        self.stats.tx_frames += 1
-        self.stats.tx_bytes += len(frame.data)
-        for tap in self.taps:
-            tap("out", frame)
-        if len(self.queue) == 1 and self.on_ready is not None:
-            self.on_ready()
-        return True
+        return self.enqueue_many([frame], len(frame.data)) == 1
 
     def enqueue_many(self, frames: list[Frame], nbytes: int) -> int:
         """Queue ``frames`` (``nbytes`` in all) as :meth:`enqueue` would, one by one;

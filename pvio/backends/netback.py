@@ -118,18 +118,10 @@ class VifPort(Port):
     def enqueue(self, frame: Frame) -> bool:
         n = len(self.rx_queues)
         q = 0 if n == 1 else hash(bytes(frame.data[26:38])) % n
-        dq = self.rx_queues[q]
-        if len(dq) >= self.capacity:
-            self.stats.dropped += 1
-            return False
-        dq.append(frame)
-        self.stats.tx_frames += 1
-        self.stats.tx_bytes += len(frame.data)
-        for tap in self.taps:
-            tap("out", frame)
-        if len(dq) == 1:
+        queued, was_empty = self._admit(self.rx_queues[q], [frame], len(frame.data))
+        if was_empty:
             self._ready(q)
-        return True
+        return queued == 1
 
     def _ready(self, q: int) -> None:
         """Queue ``q`` was empty and has frames: deliver them at the end of the
