@@ -137,15 +137,17 @@ class Switch:
         frame = Frame(data, offload)
         for tap in ingress.taps:
             tap("in", frame)
+        return [p for p in self._targets(ingress, data) if p.enqueue(frame)]
+
+    def _targets(self, ingress: Port, data) -> list[Port]:
+        """Learn the source MAC of a frame from ``ingress``; the ports it goes to."""
         dst, src = data[:6], data[6:12]
         if not src[0] & 1:  # never learn a multicast source
             self._fdb[bytes(src)] = (ingress, self.clock())
         target = None if dst[0] & 1 else self.lookup(bytes(dst))
         if target is not None:
-            targets = [] if target is ingress else [target]
-        else:
-            targets = [p for p in self.ports.values() if p is not ingress]
-        return [p for p in targets if p.enqueue(frame)]
+            return [] if target is ingress else [target]
+        return [p for p in self.ports.values() if p is not ingress]
 
     def forward_run(self, ingress: Port, frames: list[Frame], nbytes: int) -> None:
         """Switch a run of frames from ``ingress`` that share their destination and
@@ -158,18 +160,8 @@ class Switch:
         for frame in frames if ingress.taps else ():
             for tap in ingress.taps:
                 tap("in", frame)
-        data = frames[0].data
-        dst, src = data[:6], data[6:12]
-        if not src[0] & 1:  # never learn a multicast source
-            self._fdb[bytes(src)] = (ingress, self.clock())
-        target = None if dst[0] & 1 else self.lookup(bytes(dst))
-        if target is not None:
-            if target is not ingress:
-                target.enqueue_many(frames, nbytes)
-        else:
-            for port in list(self.ports.values()):
-                if port is not ingress:
-                    port.enqueue_many(frames, nbytes)
+        for port in self._targets(ingress, frames[0].data):
+            port.enqueue_many(frames, nbytes)
 
     def begin_batch(self) -> None:
         """Frames forwarded until :meth:`end_batch` are delivered per port at the end."""
