@@ -393,12 +393,8 @@ class NetFront(RingFrontendDriver):
             return None
         queue = self._q[0]
         txc = queue.txc
-        try:
-            self._tx_responses(queue)  # reclaim ids first (completions are lazy)
-        except (RingBrokenError, NetDeviceError) as exc:
-            self._fail(exc if isinstance(exc, NetDeviceError)
-                       else NetDeviceError(f"backend broke the protocol: {exc}"))
-            raise self._error from None
+        self._push_tx(queue)  # the backlog is empty: this reclaims ids (completions are lazy)
+        self._check()
         if txc.slow is None:
             txc.slow = bytearray(_VNET_SLOW_CAP)
             txc.p_slow = ffi.from_buffer("uint8_t[]", txc.slow)
@@ -407,13 +403,7 @@ class NetFront(RingFrontendDriver):
             txc.nbytes, txc.p_slow, _VNET_SLOW_CAP, txc.slow_len, txc.why)
         why = txc.why[0]
         if sent:
-            nreq = txc.nreq[0]
-            self.stats.tx_packets += sent
-            self.stats.tx_bytes += txc.nbytes[0]
-            _, notify = queue.tx.produce(txc.req_v[:nreq * TX_REQ.size])
-            if notify:
-                queue.channels[0].notify()
-            queue.space.unpark_all()
+            self._publish_tx(queue, sent, txc.nreq[0], txc.nbytes[0])
         if why == lib.PVIO_VNET_ERROR:
             err = txc.slow_len[0]
             raise OSError(err, os.strerror(err))
@@ -569,13 +559,18 @@ class NetFront(RingFrontendDriver):
         else:
             for _ in range(sent):
                 backlog.popleft()
+        self._publish_tx(queue, sent, nreq, nbytes)
+        return sent
+
+    def _publish_tx(self, queue: _Queue, sent: int, nreq: int, nbytes: int) -> None:
+        """Push the ``nreq`` requests staged in ``queue.txc`` (``sent`` frames of
+        ``nbytes``) onto the TX ring, notify if ring.h says so, wake senders."""
         self.stats.tx_packets += sent
         self.stats.tx_bytes += nbytes
-        _, notify = queue.tx.produce(txc.req_v[:nreq * TX_REQ.size])
+        _, notify = queue.tx.produce(queue.txc.req_v[:nreq * TX_REQ.size])
         if notify:
             queue.channels[0].notify()
         queue.space.unpark_all()
-        return sent
 
     def _rx(self, queue: _Queue) -> int:
         if self._rx_full:
