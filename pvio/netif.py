@@ -175,9 +175,12 @@ def assemble(slots: memoryview, *, max_slots: int = MAX_SLOTS,
 
 # ------------------------------------------------- the C fast path (cnet.c)
 
-TXP_N = lib.PVIO_NET_TXP_N  # u32 per packet in a TxScratch's pinfo
-_TXP_REASON, _TXP_ARG0, _TXP_ARG1, _TXP_SIZE = (lib.PVIO_NET_TXP_REASON, lib.PVIO_NET_TXP_ARG0,
-                                                lib.PVIO_NET_TXP_ARG1, lib.PVIO_NET_TXP_SIZE)
+TXP_N = lib.PVIO_NET_TXP_N  # u32 per packet in a TxScratch's pinfo, at these offsets:
+TXP_REASON, TXP_ARG0, TXP_ARG1 = (lib.PVIO_NET_TXP_REASON, lib.PVIO_NET_TXP_ARG0,
+                                  lib.PVIO_NET_TXP_ARG1)
+TXP_SIZE, TXP_DATA_OFF = lib.PVIO_NET_TXP_SIZE, lib.PVIO_NET_TXP_DATA_OFF
+TXP_FLAGS, TXP_GSO_TYPE, TXP_GSO_SIZE = (lib.PVIO_NET_TXP_FLAGS, lib.PVIO_NET_TXP_GSO_TYPE,
+                                         lib.PVIO_NET_TXP_GSO_SIZE)
 _FATAL = {lib.PVIO_NET_TX_FATAL_EXTRA: "extra-info chain runs past the published requests",
           lib.PVIO_NET_TX_FATAL_MORE: "more_data chain runs past the published requests"}
 
@@ -276,7 +279,8 @@ class TxScratch:
         for j in range(npk):
             (reason, a0, a1, size, _off, flags, gso_type, gso_size, frag0, nfrags, slot0,
              nslots) = pv[j * TXP_N:(j + 1) * TXP_N].tolist()
-            responses = [TX_RSP.unpack_from(self.rsp, 4 * s) for s in range(slot0, slot0 + nslots)]
+            responses = [TX_RSP.unpack_from(self.rsp, TX_RSP.size * s)
+                         for s in range(slot0, slot0 + nslots)]
             if reason:
                 out.append(TxDrop(tx_reason(reason, a0, a1), responses))
                 continue

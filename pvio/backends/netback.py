@@ -47,9 +47,18 @@ from pvio.netif import (
     RX_REQ,
     RX_RSP,
     TX_REQ_SIZE,
+    TX_RSP,
     TXF_CSUM_BLANK,
     TXF_DATA_VALIDATED,
+    TXP_ARG0,
+    TXP_ARG1,
+    TXP_DATA_OFF,
+    TXP_FLAGS,
+    TXP_GSO_SIZE,
+    TXP_GSO_TYPE,
     TXP_N,
+    TXP_REASON,
+    TXP_SIZE,
     Frame,
     NetifFatal,
     Offload,
@@ -389,13 +398,14 @@ class NetBackend(RingBackendDriver):
         if bad:
             for j in range(npk):
                 base = j * TXP_N
-                if pv[base]:
-                    self._refuse(tx_reason(pv[base], pv[base + 1], pv[base + 2]))
+                if pv[base + TXP_REASON]:
+                    self._refuse(tx_reason(pv[base + TXP_REASON], pv[base + TXP_ARG0],
+                                           pv[base + TXP_ARG1]))
         self.switch.begin_batch()
         try:
             if good:
                 self._switch_tx(sc, npk, good, bad, offloaded, nbytes)
-            _, notify = queue.tx.produce(sc.rsp_v[:n * 4])
+            _, notify = queue.tx.produce(sc.rsp_v[:n * TX_RSP.size])
             if notify:
                 queue.channels[0].notify()
         finally:
@@ -408,13 +418,13 @@ class NetBackend(RingBackendDriver):
         with the same MAC addresses at a time (one decision per run)."""
         pv = sc.pinfo_v
         if bad:  # refused packets leave gaps in the data: use each one's offset
-            keep = [j for j in range(npk) if not pv[j * TXP_N]]
-            sizes = [pv[j * TXP_N + 3] for j in keep]
-            starts = [pv[j * TXP_N + 4] for j in keep]
+            keep = [j for j in range(npk) if not pv[j * TXP_N + TXP_REASON]]
+            sizes = [pv[j * TXP_N + TXP_SIZE] for j in keep]
+            starts = [pv[j * TXP_N + TXP_DATA_OFF] for j in keep]
             ends = [a + b for a, b in zip(starts, sizes, strict=True)]
         else:
             keep = None
-            sizes = pv[3:npk * TXP_N:TXP_N].tolist()
+            sizes = pv[TXP_SIZE:npk * TXP_N:TXP_N].tolist()
             ends = list(accumulate(sizes))
             starts = [0, *ends[:-1]]
         if nbytes <= 2048 * good:  # small frames: one copy out, then cheap slices
@@ -427,8 +437,8 @@ class NetBackend(RingBackendDriver):
             frames = list(map(_tuple_new, repeat(Frame), zip(datas, repeat(NO_OFFLOAD))))
         else:
             idx = keep if keep is not None else range(npk)
-            offloads = [_offload(pv[j * TXP_N + 5], pv[j * TXP_N + 6], pv[j * TXP_N + 7])
-                        for j in idx]
+            offloads = [_offload(pv[j * TXP_N + TXP_FLAGS], pv[j * TXP_N + TXP_GSO_TYPE],
+                                 pv[j * TXP_N + TXP_GSO_SIZE]) for j in idx]
             frames = list(map(_tuple_new, repeat(Frame), zip(datas, offloads, strict=True)))
         self.stats.tx_packets += good
         self.stats.tx_bytes += nbytes
