@@ -54,12 +54,7 @@ class BlkFastPath:
         else ``NOT_FAST`` or ``WOULD_BLOCK``).
         """
         done = first + lib.pvio_blk_serve(self._ctx, requests, first, n, responses, self._why)
-        why = self._why[0]
-        if why == lib.PVIO_BLK_NO_INLINE_READ:
-            self._ctx.read_flags, why = -1, WOULD_BLOCK
-        elif why == lib.PVIO_BLK_NO_INLINE_WRITE:
-            self._ctx.write_flags, why = -1, WOULD_BLOCK
-        return done, why
+        return done, self._why[0]
 
     def take_counters(self) -> dict[str, tuple[int, int]]:
         """(requests, bytes) served per operation since the last call."""

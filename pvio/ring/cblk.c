@@ -46,13 +46,11 @@ static int blk_copy_indirect(pvio_blk_ctx *c, const struct pvio_blkif_request_in
     uint8_t *dst = (uint8_t *)segs;
     pages = (nseg + BLK_SEGS_PER_FRAME - 1) / BLK_SEGS_PER_FRAME;
     for (i = 0; i < pages; i++) {
-        uint32_t frame, chunk = bytes > PVIO_PAGE ? PVIO_PAGE : bytes;
-        uint32_t ref = r->indirect_grefs[i];
-        if (pvio_gnt_pin(c->table, c->nr_grants, ref, c->domid, 0, c->pool_frames,
-                         c->rd_pins, c->wr_pins, &frame) != GNTST_okay)
+        uint32_t chunk = bytes > PVIO_PAGE ? PVIO_PAGE : bytes;
+        if (gnt_copy_one(c->table, c->nr_grants, c->domid, c->pool, c->pool_frames,
+                         c->rd_pins, c->wr_pins, r->indirect_grefs[i], 0, chunk, 0,
+                         dst) != GNTST_okay)
             return -1;
-        memcpy(dst, c->pool + (size_t)frame * PVIO_PAGE, chunk);
-        pvio_gnt_unpin(c->table, ref, 0, c->rd_pins, c->wr_pins);
         dst += chunk;
         bytes -= chunk;
     }
@@ -127,7 +125,7 @@ static int blk_serve_one(pvio_blk_ctx *c, const uint8_t *raw)
         }
     }
     flags = op == BLK_OP_READ ? c->read_flags : c->write_flags;
-    if (flags < 0) {  /* valid, but this file's I/O is not done inline */
+    if (flags < 0) {  /* valid (grants included), but this file's I/O is not done inline */
         blk_unpin_all(c, &pinned, writable);
         return PVIO_BLK_WOULD_BLOCK;
     }
@@ -136,8 +134,10 @@ static int blk_serve_one(pvio_blk_ctx *c, const uint8_t *raw)
     else
         got = pwritev2(c->fd, iov, (int)niov, (off_t)start, flags);
     blk_unpin_all(c, &pinned, writable);
-    if (got < 0 && errno == EOPNOTSUPP)
-        return op == BLK_OP_READ ? PVIO_BLK_NO_INLINE_READ : PVIO_BLK_NO_INLINE_WRITE;
+    if (got < 0 && errno == EOPNOTSUPP) {  /* RWF_NOWAIT refused: never inline again */
+        *(op == BLK_OP_READ ? &c->read_flags : &c->write_flags) = -1;
+        return PVIO_BLK_WOULD_BLOCK;
+    }
     if (got < 0 || (uint64_t)got != total)
         return PVIO_BLK_WOULD_BLOCK;  /* EAGAIN, short, or an error: the reference path */
     c->counters[op == BLK_OP_READ ? 0 : 2]++;

@@ -21,8 +21,6 @@ typedef struct {
 /* Why pvio_blk_serve stopped before the end of the batch. */
 #define PVIO_BLK_NOT_FAST 1     /* another operation, or invalid: the reference path */
 #define PVIO_BLK_WOULD_BLOCK 2  /* the I/O would wait for the device: a worker thread */
-#define PVIO_BLK_NO_INLINE_READ 3   /* RWF_NOWAIT unsupported for reads here */
-#define PVIO_BLK_NO_INLINE_WRITE 4  /* ... for writes */
 
 uint32_t pvio_blk_serve(pvio_blk_ctx *ctx, const uint8_t *reqs, uint32_t first, uint32_t n,
                         uint8_t *rsps, int *why);
