@@ -290,30 +290,13 @@ class SocketBlockClient:
             w[1].set()
         self._waiting.clear()
 
-    async def _call(self, op: int, offset: int, buf, data=None) -> int:
-        if self.error:
-            raise OSError(5, self.error)
-        rid = self._free.pop()
-        w = [buf, trio.Event(), 0]
-        self._waiting[rid] = w
-        try:
-            length = len(buf) if data is None else len(data)
-            if data is None:
-                self._send(SOCK_REQ.pack(rid, op, offset, length))
-            else:
-                self._send(SOCK_REQ.pack(rid, op, offset, length), data)
-            await w[1].wait()
-        finally:
-            self._free.append(rid)
-        if w[2] < 0:
-            raise OSError(-w[2], f"block server: {os.strerror(-w[2])}")
-        return length
-
     async def readinto(self, offset: int, buf) -> int:
-        return await self._call(_READ, offset, memoryview(buf).cast("B"))
+        await self._many(_READ, [(offset, buf)])
+        return memoryview(buf).nbytes
 
     async def write(self, offset: int, data) -> int:
-        return await self._call(_WRITE, offset, None, memoryview(data).cast("B"))
+        await self._many(_WRITE, [(offset, data)])
+        return memoryview(data).nbytes
 
     async def _many(self, op: int, items) -> None:
         """Every request of ``items`` in one send, then wait for all the answers
