@@ -442,7 +442,14 @@ static int kick_wanted(pvio_ring *r, int back)
     return 1;
 }
 
-#define PVIO_KICK_BACKOFF_MAX 1024
+/* The cap trades two costs. Pinned to one CPU, every probe is a wasted kick
+ * (a probe per 257 armed values stays under 0.4% of round trips, clear of
+ * p99). When two ends the scheduler put on one CPU for a while are spread
+ * again, halving from the cap takes about twice the cap in armed values to
+ * kick again: ~20 ms at depth 1 on two vCPUs with 256, ~90 ms with 1024,
+ * which cost the depth-1 p99 whenever the load moved (pvio bench ring with
+ * --slices 32: p99 vs socketpair, median of 6 and 5 runs, 1.05 -> 1.01). */
+#define PVIO_KICK_BACKOFF_MAX 256
 
 /* Kick the peer (wake-ahead), then look whether the kick is still pending.
  * A peer on another CPU is still waking up: pending, the kick pays. A peer
@@ -450,7 +457,7 @@ static int kick_wanted(pvio_ring *r, int back)
  * process keeps the other CPUs busy) was switched to at once, found nothing,
  * took the event and slept again before we ran on: two context switches for
  * nothing, which halved the depth-1 round-trip rate on one CPU. Then back
- * off: pass over the next 1, 2, 4 ... 1024 armed values without a kick, and
+ * off: pass over the next 1, 2, 4 ... 256 armed values without a kick, and
  * try again; a kick found pending halves the back-off. */
 static void kick_peer(pvio_ring *r, int fd)
 {

@@ -608,7 +608,7 @@ def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_p
     """A kick the peer has already taken when the kicker looks right after
     sending it went to a peer on the kicker's own CPU (switched to at once, it
     found nothing and slept again): wasted. The kicker then passes over the
-    next 1, 2, 4, ... (at most 1024) armed values without a kick; a kick still
+    next 1, 2, 4, ... (at most 256) armed values without a kick; a kick still
     pending (a peer waking on another CPU) halves the back-off, and only
     wasted kicks make it skip. A pipe's write end stands in for a peer that
     takes every kick at once (writes succeed, it never polls readable), an
@@ -649,9 +649,9 @@ def test_wake_ahead_backs_off_while_its_kicks_are_taken_before_it_runs_on(ring_p
         rounds(41, 44)  # from 1: wasted again, back-off 2, then 4
         assert kicked_rounds[9:] == [41, 44]
         assert back.wake_ahead_stats == (11, 7)
-        back._r.kick_backoff, back._r.kick_skip = 1024, 0
+        back._r.kick_backoff, back._r.kick_skip = 256, 0
         rounds(45, 45)  # a wasted kick at the cap stays at the cap
-        assert kicked_rounds[-1] == 45 and back._r.kick_skip == 1024
+        assert kicked_rounds[-1] == 45 and back._r.kick_skip == 256
     finally:
         for fd in (local, asleep, pipe_r, quick):
             os.close(fd)
