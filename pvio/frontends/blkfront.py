@@ -266,7 +266,7 @@ class BlkFront(RingFrontendDriver):
         if self.sector_size != previous and any(slot.op >= 0 for slot in self._slots):
             # The shadows count sectors in the old unit: replaying them would
             # write acknowledged data at the wrong offsets.
-            self._fail_all(f"the backend came back with {self.sector_size}-byte sectors "
+            self._fail_outstanding(f"the backend came back with {self.sector_size}-byte sectors "
                            f"instead of {previous}; the requests in flight were not replayed")
         self._services = [trio.CancelScope() for _ in self.rings]
         for q, scope in enumerate(self._services):
@@ -302,13 +302,13 @@ class BlkFront(RingFrontendDriver):
         with trio.move_on_after(self.session.recovery_timeout):
             await self._online.wait()
             return
-        self._fail_all(f"the backend did not come back within "
+        self.fail(f"the backend did not come back within "
                        f"{self.session.recovery_timeout:.0f} s")
 
     async def detach(self) -> None:
         self._online = trio.Event()
         self._stop_services()
-        self._fail_all("device detached")
+        self._fail_outstanding("device detached")
         for slot in self._slots:
             slot.pages.release()
             refs = [*slot.refs, slot.indirect_ref]
@@ -332,16 +332,18 @@ class BlkFront(RingFrontendDriver):
 
     # ------------------------------------------------------------ responses
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_outstanding(self, reason: str) -> None:
+        """Answer every request in flight with an error (``reason``); the device
+        itself stays as it is (detach, a reconnect in another sector size)."""
         for slot in self._slots:
             if slot.op >= 0:
                 self._answer(slot, BlkifRsp.ERROR, reason)
-        if self.error is None and reason != "device detached":
-            self.error = reason
 
     def fail(self, reason: str) -> None:
         """Disable the device: pending and later calls get BlkDeviceError(reason)."""
-        self._fail_all(reason)
+        self._fail_outstanding(reason)
+        if self.error is None:
+            self.error = reason
 
     def _answer(self, slot: _Slot, status: int, why: str | None = None) -> None:
         """The request in ``slot`` is answered (by the backend, or failed here
@@ -376,7 +378,7 @@ class BlkFront(RingFrontendDriver):
                     batch = ring.take_responses()
                 except RingBrokenError as exc:
                     log.error("vbd: %s; device disabled", exc)
-                    self._fail_all(str(exc))
+                    self.fail(str(exc))
                     return
                 if not batch:
                     if answered and poll is not None:
@@ -393,7 +395,7 @@ class BlkFront(RingFrontendDriver):
                 for rid, op, status in blkif.RSP.iter_unpack(batch):
                     slot = slots[rid] if rid < nslots else None
                     if slot is None or slot.op != op or slot.queue != queue:
-                        self._fail_all(self._bad_answer(slot, rid, op))
+                        self.fail(self._bad_answer(slot, rid, op))
                         log.error("vbd: %s; device disabled", self.error)
                         return
                     answer(slot, status)

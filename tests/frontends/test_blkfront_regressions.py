@@ -167,10 +167,10 @@ async def test_a_closed_pool_buffer_keeps_its_grants_until_its_requests_are_answ
             buf.close()
 
 
-async def test_requests_in_flight_are_not_replayed_in_another_sector_size():
-    """Shadows count sectors in the unit of the backend they were made for: a
-    daemon that came back with 4096-byte sectors replayed a 512-byte-sector
-    write at 8x its offset and answered OKAY."""
+async def _write_in_flight_across_a_sector_size_change(after) -> bytes:
+    """Leave a 512-byte-sector write unanswered, kill the daemon and bring it
+    back with 4096-byte sectors; ``after(front)`` runs once the write has
+    failed. Returns the disk image as the new daemon left it."""
     def toml(sector_size: int) -> str:
         return TOML.replace('size = "8M"', f'size = "8M"\n  sector_size = {sector_size}')
 
@@ -202,14 +202,41 @@ async def test_requests_in_flight_are_not_replayed_in_another_sector_size():
                     serves.append(ServeProcess(root, "--config", str(cfg)).start())
                 assert len(outcome) == 1 and isinstance(outcome[0], BlkDeviceError)
                 assert "4096-byte sectors" in str(outcome[0])
-            with open(os.path.join(serves[0].data_dir, "disk.img"), "rb") as f:
-                image = f.read()
-            assert image == bytes(len(image))  # nothing landed anywhere
+                await after(front)
+            for serve in serves:
+                serve.stop()
+            with open(os.path.join(serves[-1].data_dir, "disk.img"), "rb") as f:
+                return f.read()
         finally:
             for serve in serves:
                 if serve.proc.poll() is None:
                     serve.proc.kill()
                     serve.proc.wait()
+
+
+async def test_requests_in_flight_are_not_replayed_in_another_sector_size():
+    """Shadows count sectors in the unit of the backend they were made for: a
+    daemon that came back with 4096-byte sectors replayed a 512-byte-sector
+    write at 8x its offset and answered OKAY."""
+    async def nothing(front) -> None:
+        pass
+
+    image = await _write_in_flight_across_a_sector_size_change(nothing)
+    assert image == bytes(len(image))  # nothing landed anywhere
+
+
+async def test_regression_a_sector_size_change_fails_the_requests_in_flight_not_the_device():
+    """Failing the requests in flight also disabled the device for good
+    ("vbd unusable: the backend came back with 4096-byte sectors ...") and
+    quarantined every PoolBuffer closed after it; with nothing in flight the
+    same reconnect was accepted. Only the requests fail."""
+    async def use(front) -> None:
+        assert front.error is None and front.sector_size == 4096
+        await front.write(8192, b"Y" * 4096)
+        assert await front.read(8192, 4096) == b"Y" * 4096
+
+    image = await _write_in_flight_across_a_sector_size_change(use)
+    assert image[8192:12288] == b"Y" * 4096 and image.count(0) == len(image) - 4096
 
 
 async def test_callers_waiting_for_a_slot_when_the_device_is_detached_fail_instead_of_hanging(
