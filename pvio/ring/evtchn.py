@@ -117,14 +117,21 @@ class EventChannel:
         the fd, cleared ``O_NONBLOCK`` on it (a blocking read would stall our
         whole event loop)."""
         rc = _consume(self.local_fd)
-        counted, self._stale[0] = self._stale[0], 0  # a ring sleep's wake-up counted it
         if rc > 0:
-            if not counted:
-                self.received += 1
+            self._took()
             return True
+        self._stale[0] = 0
         if rc == 0:
             return False
         raise _oserror(rc)
+
+    def _took(self) -> None:
+        """An event was read from our eventfd: count it, unless a ring sleep's
+        wake-up left it there and counted it already."""
+        if self._stale[0]:
+            self._stale[0] = 0
+        else:
+            self.received += 1
 
     #: After this many consecutive wake-ups that found no work, each further
     #: one costs the waiter a pause of SPURIOUS_PAUSE seconds (xenconsoled's
@@ -155,8 +162,7 @@ class EventChannel:
         the wait resumes with the time left, as for any blocking call (PEP 475).
         """
         if self._sleep(_wait, (self.local_fd,), timeout):
-            self._stale[0] = 0
-            self.received += 1
+            self._took()
             return True
         return False
 
@@ -166,10 +172,8 @@ class EventChannel:
         A signal (-EINTR) lets Python run its handlers (which may raise)
         and resumes with the time left; other errors raise OSError."""
         ns = -1 if timeout is None else max(0, int(timeout * 1e9))
-        rc = fn(*args, ns)
-        if rc >= 0:
-            return rc
         deadline = 0 if timeout is None else time.monotonic_ns() + ns
+        rc = fn(*args, ns)
         while rc == _EINTR:
             if timeout is not None:
                 ns = max(0, deadline - time.monotonic_ns())

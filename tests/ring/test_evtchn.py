@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -416,6 +417,28 @@ def test_a_signal_during_a_blocking_wait_runs_its_handler_and_the_wait_resumes(
     assert caught == [1]
 
 
+def test_regression_a_signal_during_a_blocking_wait_does_not_restart_its_timeout(
+        bound, monkeypatch):
+    """The deadline was taken after the first -EINTR, from the full timeout: a
+    0.2 s wait interrupted at 0.15 s slept 0.2 s more (0.35 s in all), and
+    nearly twice its timeout when the signal came late. The C sleep is
+    replaced by one that reports what it was asked and takes 0.15 s of a
+    fake clock before a signal interrupts it."""
+    clock = [10**12]
+    asked: list[int] = []
+
+    def sleep(ns: int) -> int:
+        asked.append(ns)
+        if len(asked) == 1:
+            clock[0] += 150_000_000
+            return -errno.EINTR
+        return 0
+
+    monkeypatch.setattr(time, "monotonic_ns", lambda: clock[0])
+    assert bound.b._sleep(sleep, (), 0.2) == 0
+    assert asked == [200_000_000, 50_000_000]
+
+
 class _Interrupted(Exception):
     pass
 
@@ -671,6 +694,23 @@ def test_regression_an_event_left_unread_by_a_ring_sleep_is_counted_once(ring_pa
     assert bound.b.received == woken + 1
     bound.a.notify()
     assert bound.b.consume() is True and bound.b.received == woken + 2
+
+
+def test_regression_an_event_left_unread_by_a_ring_sleep_is_counted_once_by_wait_blocking(
+        ring_pair, bound):
+    """wait_blocking read the event a ring sleep's wake-up had left (and
+    counted) and counted it again, as consume() did before."""
+    front, back, _ = ring_pair
+    woken = bound.b.received
+    t, result = _sleep_in_thread(back, bound.b)
+    front.produce(bytes(REQ))
+    bound.a.notify()
+    t.join(5)
+    assert result == [True] and bound.b.received == woken + 1
+    assert bound.b.wait_blocking(timeout=5) is True  # the event left in the eventfd
+    assert bound.b.received == woken + 1
+    bound.a.notify()
+    assert bound.b.wait_blocking(timeout=5) is True and bound.b.received == woken + 2
 
 
 def test_wake_ahead_is_not_sent_by_a_wake_up_without_work(ring_pair, bound):
