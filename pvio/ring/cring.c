@@ -119,6 +119,9 @@ int pvio_ring_attach(pvio_ring *r, void *sring, uint32_t ring_bytes,
     r->slot_size = slot_size;
     r->prod_pvt = start;
     r->cons = start;
+    /* No kick yet: the value a peer arms is prod_pvt + 1, which reaches start
+     * again only after 2^32 items without a single kick. */
+    r->kicked_event = start;
     return 0;
 }
 
@@ -374,12 +377,6 @@ int pvio_evtchn_send(int fd)
     return errno == EAGAIN ? 0 : -errno;
 }
 
-/* Sleep until the eventfd is readable, then consume the event (as
- * pvio_evtchn_consume). timeout_ns < 0 waits forever; 0 only looks. Poll comes
- * first: a sleeper pays poll + read, never a failed read before the poll.
- * 1: an event was consumed; 0: timed out; -EINTR: a signal arrived (the
- * caller lets its handlers run and calls again with the time left); -errno:
- * error. The GIL is released (cffi does for every call). */
 /* ppoll fd for POLLIN until deadline (timeout_ns < 0: forever). 1: readable,
  * 0: timed out, -errno (-EINTR: a signal). */
 static int poll_in(int fd, int64_t timeout_ns, uint64_t deadline)
@@ -404,6 +401,12 @@ static int poll_in(int fd, int64_t timeout_ns, uint64_t deadline)
     return 1;
 }
 
+/* Sleep until the eventfd is readable, then consume the event (as
+ * pvio_evtchn_consume). timeout_ns < 0 waits forever; 0 only looks. Poll comes
+ * first: a sleeper pays poll + read, never a failed read before the poll.
+ * 1: an event was consumed; 0: timed out; -EINTR: a signal arrived (the
+ * caller lets its handlers run and calls again with the time left); -errno:
+ * error. The GIL is released (cffi does for every call). */
 int pvio_evtchn_wait(int fd, int64_t timeout_ns)
 {
     uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : 0;
@@ -431,10 +434,9 @@ int pvio_evtchn_wait(int fd, int64_t timeout_ns)
 static int kick_wanted(pvio_ring *r, int back)
 {
     uint32_t event = back ? RD32(r->sring->rsp_event) : RD32(r->sring->req_event);
-    if (r->error || event != r->prod_pvt + 1 || (r->kicked && event == r->kicked_event))
+    if (r->error || event != r->prod_pvt + 1 || event == r->kicked_event)
         return 0;
     r->kicked_event = event;
-    r->kicked = 1;
     if (r->kick_skip) {
         r->kick_skip--;
         return 0;

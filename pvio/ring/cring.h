@@ -19,7 +19,6 @@ typedef struct {
     uint64_t wake_ahead_sent;         /* peer kicked by pvio_ring_sleep's wake-ahead */
     uint64_t wake_ahead_wasted;       /* kicks the peer had handled before the kicker ran on */
     uint32_t kicked_event;            /* the peer's armed event index we last kicked */
-    int32_t kicked;                   /* kicked_event is valid */
     uint32_t kick_skip;               /* wake-ahead backed off: kicks still to skip */
     uint32_t kick_backoff;            /* and the length of the current back-off */
 } pvio_ring;
