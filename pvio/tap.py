@@ -148,8 +148,14 @@ class Tap:
             self.dropped += 1
             return []
         if len(data) > XEN_NETIF_MAX_TX_SIZE:
+            # Cut in software, all or nothing: with full segments over netif's
+            # limit only the short tail would fit, and sending it alone leaves
+            # a hole in the stream.
+            if _l4.tcp_header_end(data, info) + gso_size > XEN_NETIF_MAX_TX_SIZE:
+                self.dropped += 1
+                return []
             self.segmented += 1
-            segments = [s for s in _l4.segment(data, gso_size) if len(s) <= XEN_NETIF_MAX_TX_SIZE]
+            segments = _l4.segment(data, gso_size)
             if not segments:
                 self.dropped += 1
             return [Frame(bytes(s), Offload(False, True)) for s in segments]

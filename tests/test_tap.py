@@ -194,6 +194,19 @@ def test_regression_frames_netif_cannot_carry_are_dropped_not_passed_on():
     assert tap.dropped == 2
 
 
+def test_regression_a_super_packet_is_not_sent_without_the_segments_that_do_not_fit():
+    """Segments over netif's limit were filtered out one by one: with full
+    segments just too big (e.g. a VLAN tag on a 65521-byte MTU) only the short
+    tail went out, a hole in the stream, and nothing counted it as dropped."""
+    payload = bytes((i * 5) & 0xFF for i in range(65535 - 40))
+    b = build(4, TCP, payload, flags=ACK)
+    tap = fake_tap()
+    gso_size = 65490  # header + one full segment: 65544 bytes, the tail 59
+    assert tap.from_vnet(vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                              b.l4 + 20, gso_size, b.l4, 16) + seeded(b)) == []
+    assert tap.dropped == 1
+
+
 # ------------------------------------------------------------ to_vnet (netif -> kernel)
 
 
