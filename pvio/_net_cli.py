@@ -11,12 +11,10 @@ import sys
 import trio
 
 from pvio import config as cfg
-from pvio._log import RateLimitedLogger
 from pvio._trio import unwrap_single
 from pvio.frontends.netfront import NetDeviceError
 
 log = logging.getLogger("pvio.netfront-tap")
-_drop_log = RateLimitedLogger(log)
 
 
 def add_arguments(sub) -> None:
@@ -152,9 +150,6 @@ async def _tap_to_vif(tap, nic) -> None:
                 await trio.lowlevel.checkpoint()
         except NetDeviceError:  # the vif is down (e.g. the daemon restarts): a cable pulled
             await _wait_carrier(nic)
-        except ValueError as exc:  # a frame netif cannot carry: drop it, never the tool
-            tap.dropped += 1
-            _drop_log.warning("tap", "dropped a frame from %s: %s", tap.name, exc)
 
 
 
