@@ -171,9 +171,8 @@ class BlkBackend(RingBackendDriver):
         suppressed = sum(r.notifications[1] for r in self._rings)
         out.update(errors=self.stats.errors, in_flight=self.stats.in_flight,
                    batches=self.stats.batches, max_batch=self.stats.max_batch,
-                   # the rings' shared indices, only while they are mapped
                    ring_occupancy=sum(r.unconsumed_requests + r.pending_responses
-                                      for r in self._rings) if self.conn else 0,
+                                      for r in self._rings),
                    notify_sent=sent, notify_suppressed=suppressed, queues=len(self._rings))
         return out
 
@@ -185,6 +184,7 @@ class BlkBackend(RingBackendDriver):
         for stopped in self._running:
             await stopped.wait()
         self._running = []
+        self._rings = []  # unmapped next (RingBackendDriver.disconnect)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -299,7 +299,6 @@ class NetBackend(RingBackendDriver):
     def statistics(self) -> dict[str, int]:
         s = self.stats
         port = self.port.stats if self.port is not None else None
-        mapped = self._queues if self.conn else []  # shared indices only while mapped
         return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
                 "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "rx_errors": s.rx_errors,
                 "rx_dropped": s.rx_dropped + (port.dropped if port else 0),
@@ -308,8 +307,8 @@ class NetBackend(RingBackendDriver):
                 # what the frontend has posted and we have not used yet (held: taken
                 # off the ring, too few for the next frame)
                 "rx_posted": sum(q.rx.unconsumed_requests + len(q.held) // RX_REQ.size
-                                 for q in mapped if not q.rx.broken),
-                "tx_pending": sum(q.tx.unconsumed_requests for q in mapped
+                                 for q in self._queues if not q.rx.broken),
+                "tx_pending": sum(q.tx.unconsumed_requests for q in self._queues
                                   if not q.tx.broken)}
 
     async def stop(self) -> None:
@@ -319,6 +318,7 @@ class NetBackend(RingBackendDriver):
         for stopped in self._running:
             await stopped.wait()
         self._running = []
+        self._queues = []  # their rings are unmapped next (RingBackendDriver.disconnect)
         if self.port is not None:
             self.switch.remove_port(self.port)
             for dq in self.port.rx_queues:
@@ -357,7 +357,7 @@ class NetBackend(RingBackendDriver):
         """Copy the frames a switched batch queued for us into our RX ring now
         (called at the end of another vif's TX batch); our task is woken only
         if frames are left waiting for RX buffers."""
-        if self._draining or q >= len(self._queues) or self.conn is None:
+        if self._draining or q >= len(self._queues):
             return
         queue = self._queues[q]
         try:
