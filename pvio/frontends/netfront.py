@@ -75,8 +75,6 @@ _first = itemgetter(0)
 _second = itemgetter(1)
 _tuple_new = tuple.__new__  # Frame(data, offload) without NamedTuple's Python-level __new__
 _RX_OFFLOADS: dict[tuple[int, int, int], Offload] = {}
-#: The largest read send_vnet_from_fd hands back (pvio.tap.MAX_READ and more).
-_VNET_SLOW_CAP = 65536 + 10 + 4096
 
 
 def _rx_offload(flags: int, gso_type: int, gso_size: int) -> Offload:
@@ -396,11 +394,11 @@ class NetFront(RingFrontendDriver):
         self._push_tx(queue)  # the backlog is empty: this reclaims ids (completions are lazy)
         self._check()
         if txc.slow is None:
-            txc.slow = bytearray(_VNET_SLOW_CAP)
+            txc.slow = bytearray(lib.PVIO_VNET_READ_MAX)
             txc.p_slow = ffi.from_buffer("uint8_t[]", txc.slow)
         sent = lib.pvio_netfront_tx_from_vnet_fd(
             txc.c, fd, limit, queue.tx.free_requests, self._gso_ok, txc.p_req, txc.nreq,
-            txc.nbytes, txc.p_slow, _VNET_SLOW_CAP, txc.slow_len, txc.why)
+            txc.nbytes, txc.p_slow, lib.PVIO_VNET_READ_MAX, txc.slow_len, txc.why)
         why = txc.why[0]
         if sent:
             self._publish_tx(queue, sent, txc.nreq[0], txc.nbytes[0])

@@ -472,6 +472,8 @@ static int net_parse_l4(const uint8_t *f, uint32_t avail, uint32_t len, uint32_t
 
 #define VNET_HDR_LEN 10u
 #define VNET_MAX_CHUNKS 17u  /* pages for the largest frame a TAP read may give */
+#define VNET_TAIL (PVIO_VNET_READ_MAX - VNET_HDR_LEN - VNET_MAX_CHUNKS * PVIO_NET_PAGE)
+_Static_assert(VNET_TAIL == 256, "PVIO_VNET_READ_MAX: header + 17 pages + a 256-byte tail");
 
 /* The TX flags (| gso_type << 16) of a virtio-net-headed frame of len bytes
  * whose first avail bytes are f, as Tap.from_vnet maps it; -1: not for the
@@ -510,7 +512,7 @@ int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_
 {
     uint32_t placed = 0, slots_used = 0;
     uint64_t placed_bytes = 0;
-    uint8_t hdr[VNET_HDR_LEN], tail[256];
+    uint8_t hdr[VNET_HDR_LEN], tail[VNET_TAIL];
     struct iovec iov[VNET_MAX_CHUNKS + 2];
     *slow_len = 0;
     for (;;) {

@@ -147,6 +147,10 @@ enum {
  * frame stops the call with PVIO_VNET_SLOW and its bytes in slow (slow_cap
  * bytes at most; its ids stay free). Returns the frames placed; *nreq, *bytes
  * as for pvio_netfront_tx_put. */
+/* The most one read of pvio_netfront_tx_from_vnet_fd takes (the 10-byte
+ * virtio-net header, 17 pages, a 256-byte tail only a frame too big for
+ * netif reaches): the size its slow buffer must have. */
+#define PVIO_VNET_READ_MAX 69898
 int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_frames,
                                       uint32_t free_slots, int gso_ok, uint8_t *req,
                                       uint32_t *nreq, uint64_t *bytes, uint8_t *slow,
