@@ -446,9 +446,8 @@ class BlkFront(RingFrontendDriver):
         and each slot is freed as soon as its answer is in, so a call may have
         any number of parts. Returns the waiter (``failed``: the first failure).
         If the call is cancelled, the slots the backend still holds are freed
-        when their answers arrive.
+        when their answers arrive. Callers check the device first.
         """
-        self._check()
         waiter = _Waiter(len(parts), complete)
         slots: list[_Slot] = []
         unsubmitted: list[_Slot] = []
@@ -654,11 +653,11 @@ class BlkFront(RingFrontendDriver):
         """Fill ``buf`` (any writable buffer, or a :class:`PoolBuffer` for no copy)
         with the disk's bytes at ``offset`` (any alignment)."""
         view = self._view(buf)
-        self._bounds(offset, len(view))
         ss = self.sector_size
-        if not offset % ss and not len(view) % ss:
+        if not offset % ss and not len(view) % ss:  # _aligned_io checks the rest
             await self._aligned_io(BlkifOp.READ, [(offset, buf)])
             return len(view)
+        self._bounds(offset, len(view))
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         tmp = bytearray(end - start)
         await self._aligned_io(BlkifOp.READ, [(start, tmp)])
@@ -687,13 +686,13 @@ class BlkFront(RingFrontendDriver):
         """Write ``data`` (any buffer, or a :class:`PoolBuffer` for no copy) at
         ``offset`` (any alignment: edges are read-modify-written)."""
         view = self._view(data)
+        ss = self.sector_size
+        if not offset % ss and not len(view) % ss:  # _aligned_io checks the rest
+            await self._aligned_io(BlkifOp.WRITE, [(offset, data)])
+            return len(view)
         self._bounds(offset, len(view))
         if self.readonly:
             raise BlkDeviceError("the disk is read-only")
-        ss = self.sector_size
-        if not offset % ss and not len(view) % ss:
-            await self._aligned_io(BlkifOp.WRITE, [(offset, data)])
-            return len(view)
         start, end = offset // ss * ss, -(-(offset + len(view)) // ss) * ss
         # Read-modify-write of the edge sectors, serialised per sector so
         # that concurrent small writes to one sector do not undo each other.
@@ -711,8 +710,9 @@ class BlkFront(RingFrontendDriver):
                 await entry[0].acquire()
                 held.append(entry[0])
             tmp = bytearray(end - start)
-            await self.readinto(start, memoryview(tmp)[:ss])
-            await self.readinto(end - ss, memoryview(tmp)[-ss:])
+            await self._aligned_io(BlkifOp.READ, [(sector, memoryview(tmp)[sector - start:
+                                                                          sector - start + ss])
+                                                  for sector in edges])
             tmp[offset - start: offset - start + len(view)] = view
             await self._aligned_io(BlkifOp.WRITE, [(start, tmp)])
         finally:
@@ -726,6 +726,7 @@ class BlkFront(RingFrontendDriver):
 
     async def _one(self, build) -> int:
         """Submit one request ``build(slot)`` makes; its status."""
+        self._check()
         waiter = await self._run([None], lambda slot, _part: build(slot))
         return BlkifRsp.OKAY if waiter.failed is None else waiter.failed[1]
 

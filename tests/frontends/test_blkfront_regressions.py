@@ -89,6 +89,26 @@ async def _attached(session) -> BlkFront:
     return front
 
 
+async def test_regression_an_unaligned_write_inside_one_sector_reads_it_once():
+    """The read-modify-write read its two edge sectors one after the other, and
+    the same sector twice when the write fell inside one: three requests and
+    three round trips where one sector read and one write do."""
+    async with running_daemon(TOML) as daemon, open_session(daemon.config.socket) as s:
+        front = await _attached(s)
+        await front.write(4096, bytes(range(256)) * 2)
+        before = front.stats["requests"]
+        await front.write(4097, b"w")  # inside sector 4096
+        assert front.stats["requests"] - before == 2
+        before = front.stats["requests"]
+        await front.write(4000, b"x" * 200)  # across two sectors: both edges, then the write
+        assert front.stats["requests"] - before == 3
+        want = bytearray(range(256)) * 2
+        want[1] = ord("w")
+        want[:104] = b"x" * 104
+        assert await front.read(3584, 512) == b"\0" * 416 + b"x" * 96
+        assert await front.read(4096, 512) == bytes(want)
+
+
 async def test_cancel_while_waiting_for_the_second_edge_lock_releases_the_first(monkeypatch):
     """An unaligned write took its first edge-sector lock, then waited for the
     second one outside the try: cancelled there, it never released the first,
