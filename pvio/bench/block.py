@@ -60,7 +60,16 @@ from typing import Any
 
 import trio
 
-from pvio.bench._common import BenchError, choices, positive, progress, report, standalone
+from pvio.bench._common import (
+    BenchError,
+    Proc,
+    choices,
+    positive,
+    progress,
+    report,
+    standalone,
+    start_serve,
+)
 from pvio.bench.ring import _machine, _proc_stat
 
 SYSTEMS = ("pvio", "socket", "pread")
@@ -349,67 +358,20 @@ class _Countdown:
 # ------------------------------------------------------------ processes
 
 
-class _Proc:
-    """A child process we started; stopped by its pid with SIGTERM (then SIGKILL)."""
-
-    def __init__(self, name: str, argv: list[str], log_path: str, *, stdout=None) -> None:
-        self.name = name
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=stdout if stdout is not None else log,
-                                         stderr=log, env=env)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def fail(self, what: str) -> BenchError:
-        return BenchError(f"{self.name} {what}; its log:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _start_daemon(root: str, size: int) -> tuple[_Proc, str]:
+def _start_daemon(root: str, size: int) -> tuple[Proc, str]:
     sock = os.path.join(root, "xb.sock")
     config = os.path.join(root, "bench.toml")
     with open(config, "w") as f:
         f.write('[[domain]]\nname = "bench"\n\n  [[domain.device]]\n  type = "vbd"\n'
                 f'  devid = 51712\n  image = "bench.img"\n  size = {size}\n  mode = "w"\n')
-    proc = _Proc("pvio serve", [sys.executable, "-m", "pvio", "serve", "--config", config,
-                                "--socket", sock, "--data-dir", root],
-                 os.path.join(root, "serve.log"))
-    deadline = time.monotonic() + 30
-    while "pvio daemon ready" not in proc.log():
-        if proc.proc.poll() is not None:
-            raise proc.fail("exited at start")
-        if time.monotonic() > deadline:
-            raise proc.fail("did not get ready within 30 s")
-        time.sleep(0.02)
-    return proc, sock
+    return start_serve(sock, root, os.path.join(root, "serve.log"), config), sock
 
 
-def _start_socket_server(root: str, image: str) -> tuple[_Proc, str]:
+def _start_socket_server(root: str, image: str) -> tuple[Proc, str]:
     sock = os.path.join(root, "blk.sock")
     code = "import sys; from pvio.bench.block import serve_socket; " \
            "serve_socket(sys.argv[1], sys.argv[2])"
-    proc = _Proc("socket block server", [sys.executable, "-c", code, sock, image],
+    proc = Proc("socket block server", [sys.executable, "-c", code, sock, image],
                  os.path.join(root, "socket-server.log"), stdout=subprocess.PIPE)
     line = proc.proc.stdout.readline()
     proc.proc.stdout.close()
@@ -845,7 +807,7 @@ def run_benchmark(
     systems = [s for s in SYSTEMS if s in systems]
     workloads = [w for w in WORKLOADS if w in workloads]
     root = _bench_dir(directory)
-    procs: list[_Proc] = []
+    procs: list[Proc] = []
     t0 = time.perf_counter()
     try:
         image = os.path.join(root, "bench.img")

@@ -50,8 +50,17 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pvio.bench._common import BenchError, choices, positive, progress, report, standalone
-from pvio.bench.block import _cpu_of, _cpu_self, _OtherLoad, _Proc
+from pvio.bench._common import (
+    BenchError,
+    Proc,
+    choices,
+    positive,
+    progress,
+    report,
+    standalone,
+    start_serve,
+)
+from pvio.bench.block import _cpu_of, _cpu_self, _OtherLoad
 from pvio.bench.ring import _machine
 
 TRANSPORTS = ("pvio", "pty", "socketpair")
@@ -354,23 +363,13 @@ def _case_row(transport: str, workload: str, acc: _Acc, msg_size: int) -> dict[s
 # ------------------------------------------------------------- setup
 
 
-def _start_daemon(root: str) -> tuple[_Proc, str]:
+def _start_daemon(root: str) -> tuple[Proc, str]:
     sock = os.path.join(root, "xb.sock")
     config = os.path.join(root, "bench.toml")
     with open(config, "w") as f:
         f.write(f'[[domain]]\nname = "{DOMAIN}"\n\n  [[domain.device]]\n'
                 '  type = "console"\n  devid = 0\n')
-    proc = _Proc("pvio serve", [sys.executable, "-m", "pvio", "serve", "--config", config,
-                                "--socket", sock, "--data-dir", root],
-                 os.path.join(root, "serve.log"))
-    deadline = time.monotonic() + 30
-    while "pvio daemon ready" not in proc.log():
-        if proc.proc.poll() is not None:
-            raise proc.fail("exited at start")
-        if time.monotonic() > deadline:
-            raise proc.fail("did not get ready within 30 s")
-        time.sleep(0.02)
-    return proc, sock
+    return start_serve(sock, root, os.path.join(root, "serve.log"), config), sock
 
 
 def _find_tty(sock: str) -> str:

@@ -22,8 +22,6 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,26 +29,17 @@ from typing import Any
 
 import trio
 
-from pvio.bench._common import BenchError, positive, progress, report, standalone
+from pvio.bench._common import (
+    BenchError,
+    positive,
+    progress,
+    report,
+    standalone,
+    start_serve,
+)
 
 BLOCK = 4096
 MIN_REQUESTS_BETWEEN_KILLS = 200
-
-
-def _start_daemon(sock: str, data: str) -> subprocess.Popen:
-    if os.path.exists(sock):
-        os.unlink(sock)  # a SIGKILLed daemon leaves its socket behind
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pvio", "serve", "--socket", sock, "--data-dir", data],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise BenchError("pvio serve did not start")
-        time.sleep(0.01)
-    return proc
 
 
 def pattern(writer: int, seq: int) -> bytes:
@@ -58,7 +47,7 @@ def pattern(writer: int, seq: int) -> bytes:
     return hashlib.sha256(f"{writer}:{seq}".encode()).digest() * (BLOCK // 32)
 
 
-async def _stress(sock: str, data: str, procs: list, kills: int, writers: int,
+async def _stress(sock: str, data: str, log: str, procs: list, kills: int, writers: int,
                   blocks_per_writer: int, progress: Callable[[str], None] | None) -> dict:
     from pvio.frontends.blkfront import BLK_KEYS, BlkFront
     from pvio.frontends.session import open_session
@@ -97,10 +86,10 @@ async def _stress(sock: str, data: str, procs: list, kills: int, writers: int,
                     while front.stats["requests"] < before + MIN_REQUESTS_BETWEEN_KILLS:
                         await trio.sleep(0.01)
                 reconnections = device.reconnections
-                procs[-1].send_signal(signal.SIGKILL)
+                procs[-1].proc.send_signal(signal.SIGKILL)
                 t0 = time.perf_counter()
-                procs[-1].wait()
-                procs.append(_start_daemon(sock, data))
+                procs[-1].proc.wait()
+                procs.append(start_serve(sock, data, log))
                 with trio.fail_after(60):
                     while device.reconnections == reconnections:
                         await trio.sleep(0.005)
@@ -127,20 +116,16 @@ def run_stress(*, kills: int = 20, writers: int = 32, blocks_per_writer: int = 6
     root = tempfile.mkdtemp(prefix="pvio-kill9-", dir=directory)
     sock, data = os.path.join(root, "run", "xb.sock"), os.path.join(root, "data")
     t0 = time.perf_counter()
-    procs = [_start_daemon(sock, data)]
+    log = os.path.join(root, "serve.log")
+    procs = [start_serve(sock, data, log)]
     try:
-        out = trio.run(_stress, sock, data, procs, kills, writers, blocks_per_writer, progress)
+        out = trio.run(_stress, sock, data, log, procs, kills, writers, blocks_per_writer,
+                       progress)
         with open(os.path.join(data, "guest-xvda.img"), "rb") as image:
             disk = image.read(writers * blocks_per_writer * BLOCK)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            proc.stop()
         shutil.rmtree(root, ignore_errors=True)
     acked = out["acked"]
     lost = sorted(b for b, data in acked.items()
