@@ -11,7 +11,7 @@ from pvio.daemon import Daemon
 from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError, BlkFront
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState
-from tests.blk_helpers import slow_backend
+from tests.blk_helpers import attach_blk, slow_backend
 from tests.pvio_daemon import ServeProcess, running_daemon, short_tmpdir
 
 TOML = """
@@ -82,11 +82,7 @@ async def test_lost_daemon_without_reconnect_fails_pending_calls_instead_of_hang
 
 
 async def _attached(session) -> BlkFront:
-    front = BlkFront(session)
-    device = await session.attach(front, 1, BLK_KEYS)
-    with trio.fail_after(10):
-        await device.connected.wait()
-    return front
+    return (await attach_blk(session, 1, timeout=10))[0]
 
 
 async def test_regression_an_unaligned_write_inside_one_sector_reads_it_once():
