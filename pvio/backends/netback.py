@@ -204,6 +204,10 @@ class _Work:
     def __init__(self, queue: _Queue, tx: bool, rx: bool) -> None:
         self.queue, self.tx, self.rx = queue, tx, rx
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.queue.tx.progress, self.queue.rx.progress
+
     def final_check(self) -> int:
         work = 0
         if self.tx:

@@ -159,6 +159,10 @@ class _Work:
     def __init__(self, front: NetFront, queue: _Queue, tx: bool, rx: bool) -> None:
         self.front, self.queue, self.tx, self.rx = front, queue, tx, rx
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.queue.tx.progress, self.queue.rx.progress
+
     def final_check(self) -> int:
         q = self.queue
         work = 0

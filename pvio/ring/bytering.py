@@ -59,6 +59,11 @@ class ByteRing:
         """Our own free-running index (prod for the writer, cons for the reader)."""
         return self._b.pvt
 
+    #: What :func:`~pvio.ring.wait_for_work` compares across wake-ups without
+    #: work (see :attr:`pvio.ring.FrontRing.progress`): our own index moves
+    #: whenever we take data (reader) or fill space (writer).
+    progress = index
+
     def _raise_broken(self) -> None:
         raise RingBrokenError(
             f"{self.name}: peer index is more than {self.size} bytes away from ours",

@@ -80,6 +80,7 @@ class EventChannel:
         self.spurious = 0  # wake-ups that found no work (hardening.md #7)
         self.throttled = 0  # times a flood of those made us pause
         self._idle_wakes = 0  # consecutive wake-ups without work
+        self._idle_progress: object = None  # the waiting end's progress at the last one
         self._closed = False
         # Set by a ring sleep whose wake-up left the event unread (cring.c,
         # pvio_ring_sleep): anything that reads the eventfd clears it.
@@ -145,9 +146,18 @@ class EventChannel:
         """A wake-up found work: the peer is not flooding."""
         self._idle_wakes = 0
 
-    def note_spurious(self) -> float:
-        """Record a wake-up that found no work; returns how long to pause (0: none)."""
+    def note_spurious(self, progress: object = None) -> float:
+        """Record a wake-up that found no work; returns how long to pause (0: none).
+
+        ``progress`` is the waiting end's :attr:`~pvio.ring.FrontRing.progress`
+        (None: unknown). If it moved since the last such wake-up, the end took
+        work in between, found by its own take rather than by a wait: the
+        wake-up was a kick that came just before its work (a wake-ahead kick
+        is sent before the peer does the work), not part of a flood."""
         self.spurious += 1
+        if progress is not None and progress != self._idle_progress:
+            self._idle_progress = progress
+            self._idle_wakes = 0
         self._idle_wakes += 1
         if self._idle_wakes <= self.SPURIOUS_BUDGET:
             return 0.0
@@ -337,7 +347,8 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
     sends nothing), then ``final_check`` arms the event index and re-checks,
     and only then sleep on the event channel. A ring end's wake-up with work
     kicks the peer first if ``channel.wake_ahead`` says so. Returns False on
-    timeout.
+    timeout. A wake-up without work counts against the channel's spurious
+    budget unless ``end.progress`` (if it has one) moved since the last one.
     """
     if poll is not None and poll.spin(end):
         channel.note_work()
@@ -366,7 +377,7 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
         if poll is not None:
             poll.woke_with_work()  # only a wake that found work re-enables spinning
     else:
-        pause = channel.note_spurious()
+        pause = channel.note_spurious(getattr(end, "progress", None))
         if pause > 0:
             time.sleep(pause)
     return True
@@ -384,7 +395,7 @@ async def wait_for_work(end, channel: EventChannel, poll: BusyPoll | None = None
         if poll is not None:
             poll.woke_with_work()
     else:
-        pause = channel.note_spurious()
+        pause = channel.note_spurious(getattr(end, "progress", None))
         if pause > 0:
             await trio.sleep(pause)
 

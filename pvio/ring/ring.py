@@ -149,6 +149,13 @@ class _RingEnd:
         return self._r.nr_ents
 
     @property
+    def progress(self) -> int:
+        """This end's free-running consumer index (``rsp_cons`` or ``req_cons``):
+        it moves whenever the end takes items. :func:`wait_for_work` uses it to
+        tell a kick that came just before its work from a flood of events."""
+        return self._r.cons
+
+    @property
     def broken(self) -> bool:
         """True once the peer published an impossible index; the ring is dead."""
         return self._r.error != 0

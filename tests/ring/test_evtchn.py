@@ -399,6 +399,75 @@ def test_ring_sleep_spurious_event_is_counted_and_cleared(ring_pair, bound):
     assert bound.b.consume() is False
 
 
+def _kick_before_each_answer(front, back, chan_f, chan_b, wait) -> None:
+    """Round trips where the backend's event comes just before its answer (what
+    a wake-ahead kick does: the peer kicks, then works): the frontend's wait
+    finds nothing, and its next take finds the answer."""
+    for _ in range(EventChannel.SPURIOUS_BUDGET + 5):
+        front.produce(bytes(REQ))
+        assert back.take_requests().nbytes == REQ
+        chan_b.notify()  # the kick
+        wait()  # woken by it, finds no answer yet
+        _, notify = back.produce(bytes(RSP))
+        if notify:
+            chan_b.notify()
+        assert front.take_responses().nbytes == RSP  # found by the take, not by a wait
+
+
+def test_regression_kicks_just_before_the_work_are_not_throttled_as_a_flood(ring_pair, bound):
+    """Only a wait that found work reset the spurious-wake-up count. A frontend
+    that takes answers between waits, served by a backend whose wake-ahead kick
+    lands just before each answer (its wait finds nothing, its next take the
+    answer), counted every round trip as one more wake-up without work: after
+    SPURIOUS_BUDGET of them each wait paused 0.2 s (seen as a 20,000x slower
+    ping-pong after ~2 s of pvio bench ring-style load). Work taken since the
+    last idle wake-up (the end's progress moved) now resets the count."""
+    front, back, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+
+    def wait() -> None:
+        assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+
+    _kick_before_each_answer(front, back, chan_f, chan_b, wait)
+    assert chan_f.spurious >= EventChannel.SPURIOUS_BUDGET + 5
+    assert chan_f.throttled == 0
+
+
+async def test_regression_kicks_just_before_the_work_are_not_throttled_as_a_flood_trio(
+        ring_pair, bound):
+    """The trio wait_for_work had the same count (see the blocking test)."""
+    front, back, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    token = trio.lowlevel.current_trio_token()
+
+    def wait() -> None:
+        trio.from_thread.run(wait_for_work, front, chan_f, trio_token=token)
+
+    await trio.to_thread.run_sync(
+        _kick_before_each_answer, front, back, chan_f, chan_b, wait)
+    assert chan_f.spurious >= EventChannel.SPURIOUS_BUDGET + 5
+    assert chan_f.throttled == 0
+
+
+def test_a_flood_between_two_answers_is_still_throttled(ring_pair, bound):
+    """Progress resets the count only when work was taken in between: events
+    without work between the same two answers still hit the budget."""
+    front, back, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    chan_f.SPURIOUS_PAUSE = 0.001  # the pause is not what this test measures
+    for _ in range(EventChannel.SPURIOUS_BUDGET + 3):
+        chan_b.notify()
+        assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+    assert chan_f.throttled == 3
+    front.produce(bytes(REQ))
+    back.take_requests()
+    back.produce(bytes(RSP))
+    assert front.take_responses().nbytes == RSP
+    chan_b.notify()
+    assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+    assert chan_f.throttled == 3  # the answer taken in between reset the count
+
+
 @pytest.mark.parametrize("ring", [False, True])
 def test_a_signal_during_a_blocking_wait_runs_its_handler_and_the_wait_resumes(
         ring_pair, bound, ring):
