@@ -9,8 +9,9 @@ byte rings and the channel into a ``trio.abc.HalfCloseableStream``:
 wake-ups into wake-ups of the waiting senders and receivers, and caps how many
 *spurious* wake-ups it honours per 200 ms (xenconsoled's budget: 30 per 200
 ms): a wake-up after which neither of the peer's indices moved counts against
-the budget (hardening.md #7: wake-ups with no work). So a peer that notifies
-for nothing is throttled and costs bounded work, while real traffic, however
+the budget (hardening.md #7: wake-ups with no work), unless the wake-up before
+it saw a move (whose notification may have been still in flight). So a peer
+that notifies for nothing is throttled and costs bounded work, while real traffic, however
 chatty, flows at full speed; every console runs in its own tasks, so none
 starves another.
 
@@ -58,6 +59,7 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
         """Run (in a nursery) for the stream's life: event channel -> waiters."""
         window_start, events = time.monotonic(), 0
         seen = (self.rx.peer_index, self.tx.peer_index)
+        moved = False
         task_status.started()
         while not self._closed:
             await self.channel.wait()
@@ -65,8 +67,13 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
             if now - window_start >= self.rate_window:
                 window_start, events = now, 0
             current = (self.rx.peer_index, self.tx.peer_index)
-            if current == seen:
-                events += 1  # the peer moved nothing: a spurious wake-up
+            # A wake-up that moved nothing is spurious, unless the one before
+            # it moved something: that one may have seen a move whose
+            # notification was still on its way (the peer publishes, then
+            # notifies), and this is that notification.
+            if current == seen and not moved:
+                events += 1
+            moved = current != seen
             seen = current
             if events > self.rate_events:
                 self.throttled += 1

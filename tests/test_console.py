@@ -46,7 +46,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio.testing import assert_checkpoints
+from trio.testing import assert_checkpoints, wait_all_tasks_blocked
 
 from pvio._console_cli import _find_tty
 from pvio.console import EOT, HeadTailBuffer
@@ -62,6 +62,7 @@ from tests.console_helpers import (
     OUT_SIZE,
     echo_forever,
     get_u32,
+    make_pair,
     pct,
     set_u32,
     stream_pair,
@@ -503,6 +504,36 @@ async def test_a_reader_taking_small_pieces_does_not_throttle_the_writer():
                                   f"{back.throttled} times")
         assert got == data
         assert back.throttled == 0
+
+
+async def test_regression_a_move_seen_before_its_notification_is_not_a_spurious_wake_up():
+    """The peer publishes, then notifies. A pump woken by an earlier event that
+    already sees the next move takes that move's own notification as a wake-up
+    that moved nothing: counted spurious, once per such move, and a stream
+    between two processes (pvio bench console: bulk both ways) was throttled to
+    200 ms pauses tens of times in 10 s. A wake-up right after one that saw a
+    move is not counted; a flood of events with no move still is."""
+    guest, back, _, tables = make_pair(rate_events=30, rate_window=60)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(back.pump)
+            for _ in range(back.rate_events + 10):
+                guest.tx.write(b"a")
+                guest.channel.notify()
+                guest.tx.write(b"b")  # published before the pump runs, notified after
+                await wait_all_tasks_blocked()  # the pump woke, saw both moves
+                guest.channel.notify()  # b's own notification: nothing new to see
+                await wait_all_tasks_blocked()
+                assert back.rx.read() == b"ab"
+            assert back.throttled == 0
+            for _ in range(back.rate_events + 2):  # events without any move
+                guest.channel.notify()
+                await wait_all_tasks_blocked()
+            assert back.throttled == 1  # the pump sleeps out the (long) window
+            nursery.cancel_scope.cancel()
+    finally:
+        for table in tables:
+            table.close_all()
 
 
 async def test_back_to_back_echo_of_small_messages_is_not_throttled():

@@ -510,7 +510,7 @@ def format_table(report: dict[str, Any]) -> str:
     backend = report.get("pvio_backend_statistics", {}).get("throttled")
     if guest or backend:
         per = ", ".join(f"{w} {n}" for w, n in guest.items()) or "none"
-        lines.append(f"pvio rate limit (wake-ups that moved < 256 bytes, up to 200 ms each): "
+        lines.append(f"pvio rate limit (wake-ups that moved nothing, up to 200 ms each): "
                      f"guest stream throttled {per}; backend stream {backend or 0} times "
                      "in the run.")
     cfg, m = report["config"], report["machine"]
