@@ -160,8 +160,11 @@ class _Work:
         self.front, self.queue, self.tx, self.rx = front, queue, tx, rx
 
     @property
-    def progress(self) -> tuple[int, int]:
-        return self.queue.tx.progress, self.queue.rx.progress
+    def progress(self) -> tuple[int | None, int | None]:
+        """The served rings' consumer indices only: work on a ring this task
+        does not wait for must not excuse wake-ups on its channel."""
+        q = self.queue
+        return (q.tx.progress if self.tx else None), (q.rx.progress if self.rx else None)
 
     def final_check(self) -> int:
         q = self.queue

@@ -59,10 +59,13 @@ class ByteRing:
         """Our own free-running index (prod for the writer, cons for the reader)."""
         return self._b.pvt
 
-    #: What :func:`~pvio.ring.wait_for_work` compares across wake-ups without
-    #: work (see :attr:`pvio.ring.FrontRing.progress`): our own index moves
-    #: whenever we take data (reader) or fill space (writer).
-    progress = index
+    @property
+    def progress(self) -> int | None:
+        """What :func:`~pvio.ring.wait_for_work` compares across wake-ups without
+        work (see :attr:`pvio.ring.FrontRing.progress`): a reader's ``cons``,
+        which moves only when it takes data the peer wrote. None for a writer,
+        whose own ``prod`` moves without the peer doing anything."""
+        return None if self.writer else self._b.pvt
 
     def _raise_broken(self) -> None:
         raise RingBrokenError(

@@ -81,6 +81,7 @@ class EventChannel:
         self.throttled = 0  # times a flood of those made us pause
         self._idle_wakes = 0  # consecutive wake-ups without work
         self._idle_progress: object = None  # the waiting end's progress at the last one
+        self._raised = False  # set_pending raised our own port since the last wake-up
         self._closed = False
         # Set by a ring sleep whose wake-up left the event unread (cring.c,
         # pvio_ring_sleep): anything that reads the eventfd clears it.
@@ -110,6 +111,7 @@ class EventChannel:
         rc = _send(self.local_fd)
         if rc:
             raise _oserror(rc)
+        self._raised = True
 
     def consume(self) -> bool:
         """Clear our pending event without blocking; True if one was pending.
@@ -145,19 +147,25 @@ class EventChannel:
     def note_work(self) -> None:
         """A wake-up found work: the peer is not flooding."""
         self._idle_wakes = 0
+        self._raised = False
 
     def note_spurious(self, progress: object = None) -> float:
         """Record a wake-up that found no work; returns how long to pause (0: none).
 
-        ``progress`` is the waiting end's :attr:`~pvio.ring.FrontRing.progress`
-        (None: unknown). If it moved since the last such wake-up, the end took
-        work in between, found by its own take rather than by a wait: the
-        wake-up was a kick that came just before its work (a wake-ahead kick
-        is sent before the peer does the work), not part of a flood."""
+        Two kinds are not the peer's doing and do not count toward the budget:
+        the first after we raised our own port (:meth:`set_pending`), and any
+        after which the waiting end had taken work. ``progress`` is that end's
+        :attr:`~pvio.ring.FrontRing.progress` (None: unknown); if it moved
+        since the last such wake-up, the run of idle wake-ups starts again:
+        this one was, e.g., a wake-ahead kick that came just before its work,
+        which the end's next take (not a wait) found."""
         self.spurious += 1
         if progress is not None and progress != self._idle_progress:
             self._idle_progress = progress
             self._idle_wakes = 0
+        if self._raised:
+            self._raised = False
+            return 0.0
         self._idle_wakes += 1
         if self._idle_wakes <= self.SPURIOUS_BUDGET:
             return 0.0

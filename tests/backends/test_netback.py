@@ -22,11 +22,13 @@ from __future__ import annotations
 import random
 import struct
 import threading
+from types import SimpleNamespace
 
 import pytest
 import trio
 import trio.testing
 
+from pvio.backends.netback import _Work
 from pvio.daemon import Daemon
 from pvio.frontends.netfront import NET_KEYS, NetFront
 from pvio.frontends.session import open_session
@@ -788,3 +790,15 @@ async def test_regression_statistics_do_not_read_a_vif_s_unmapped_rings(monkeypa
             frame = eth(b.mac, a.mac, payload(100))
             await a.send(frame)
             assert (await b.receive()).data == frame  # the daemon still serves
+
+
+@pytest.mark.parametrize(("tx", "rx", "want"), [(True, False, (7, None)),
+                                               (False, True, (None, 9)),
+                                               (True, True, (7, 9))])
+def test_regression_a_service_task_s_progress_is_only_the_rings_it_waits_on(tx, rx, want):
+    """With split event channels each task waits on one ring. Its progress (what
+    excuses idle wake-ups from the spurious budget) included the other ring's:
+    RX requests consumed for other vifs' frames reset the TX channel's count, so
+    a guest could flood its TX channel unthrottled while it received traffic."""
+    queue = SimpleNamespace(tx=SimpleNamespace(progress=7), rx=SimpleNamespace(progress=9))
+    assert _Work(queue, tx, rx).progress == want

@@ -28,7 +28,7 @@ import pytest
 import trio
 import trio.testing
 
-from pvio.frontends.netfront import BlockingNetFront, NetDeviceError, NetFront
+from pvio.frontends.netfront import BlockingNetFront, NetDeviceError, NetFront, _Work
 from pvio.frontends.session import open_session
 from pvio.netif import Frame, Offload, RxProtocolError, parse_rx_responses
 from pvio.ring import (
@@ -555,3 +555,14 @@ async def test_regression_receive_many_is_a_checkpoint_even_when_frames_wait():
             with pytest.raises(trio.Cancelled):
                 await b.receive_many(1)  # frames are waiting, yet it must be a cancel point
         assert len(b._rx_frames) == 4  # the cancelled call took nothing
+
+
+@pytest.mark.parametrize(("tx", "rx", "want"), [(True, False, (7, None)),
+                                               (False, True, (None, 9))])
+def test_regression_a_queue_task_s_progress_is_only_the_rings_it_waits_on(tx, rx, want):
+    """The frontend side of the netback regression test of the same name: TX
+    completions reclaimed by the application's sends must not excuse idle
+    wake-ups on the RX channel."""
+    queue = types.SimpleNamespace(tx=types.SimpleNamespace(progress=7),
+                                  rx=types.SimpleNamespace(progress=9))
+    assert _Work(None, queue, tx, rx).progress == want

@@ -449,23 +449,50 @@ async def test_regression_kicks_just_before_the_work_are_not_throttled_as_a_floo
     assert chan_f.throttled == 0
 
 
-def test_a_flood_between_two_answers_is_still_throttled(ring_pair, bound):
-    """Progress resets the count only when work was taken in between: events
-    without work between the same two answers still hit the budget."""
+def test_a_flood_after_each_answer_is_still_throttled(ring_pair, bound):
+    """Taken work restarts the run of idle wake-ups, it does not buy a flood: a
+    peer that answers once, then sends SPURIOUS_BUDGET + 5 empty events, gets 5
+    pauses per answer."""
     front, back, _ = ring_pair
     chan_f, chan_b = bound.a, bound.b
     chan_f.SPURIOUS_PAUSE = 0.001  # the pause is not what this test measures
-    for _ in range(EventChannel.SPURIOUS_BUDGET + 3):
+    for cycle in range(1, 4):
+        front.produce(bytes(REQ))
+        back.take_requests()
+        back.produce(bytes(RSP))
+        assert front.take_responses().nbytes == RSP
+        for _ in range(EventChannel.SPURIOUS_BUDGET + 5):
+            chan_b.notify()
+            assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+        assert chan_f.throttled == 5 * cycle
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_our_own_set_pending_is_not_counted_as_a_peer_s_spurious_event(
+        ring_pair, bound, blocking):
+    """netback raises its own RX port (set_pending) when frames wait for RX
+    buffers, netfront its TX port: the wake-ups that follow may find nothing,
+    and counted as the peer's they made a guest slow to repost buffers pause
+    0.2 s. The peer's own empty events are still counted."""
+    front, _, _ = ring_pair
+    chan_f, chan_b = bound.a, bound.b
+    chan_f.SPURIOUS_PAUSE = 0.001
+
+    def wait() -> None:
+        if blocking:
+            assert wait_for_work_blocking(front, chan_f, None, timeout=5)
+        else:
+            trio.run(wait_for_work, front, chan_f)
+
+    for _ in range(EventChannel.SPURIOUS_BUDGET + 10):
+        chan_f.set_pending()
+        wait()
+    assert chan_f.spurious == EventChannel.SPURIOUS_BUDGET + 10
+    assert chan_f.throttled == 0
+    for _ in range(EventChannel.SPURIOUS_BUDGET + 2):
         chan_b.notify()
-        assert wait_for_work_blocking(front, chan_f, None, timeout=5)
-    assert chan_f.throttled == 3
-    front.produce(bytes(REQ))
-    back.take_requests()
-    back.produce(bytes(RSP))
-    assert front.take_responses().nbytes == RSP
-    chan_b.notify()
-    assert wait_for_work_blocking(front, chan_f, None, timeout=5)
-    assert chan_f.throttled == 3  # the answer taken in between reset the count
+        wait()
+    assert chan_f.throttled == 2
 
 
 @pytest.mark.parametrize("ring", [False, True])
