@@ -10,10 +10,13 @@ wake-ups into wake-ups of the waiting senders and receivers, and caps how many
 *spurious* wake-ups it honours per 200 ms (xenconsoled's budget: 30 per 200
 ms): a wake-up after which neither of the peer's indices moved counts against
 the budget (hardening.md #7: wake-ups with no work), unless the wake-up before
-it saw a move (whose notification may have been still in flight). So a peer
-that notifies for nothing is throttled and costs bounded work, while real traffic, however
-chatty, flows at full speed; every console runs in its own tasks, so none
-starves another.
+it saw a move (whose notification may have been still in flight); an index
+only moves when it goes past its highest value so far. So a peer that notifies
+for nothing is throttled and costs bounded work (30 wake-ups per 200 ms plus
+two per move, and moves need data), while real traffic, however chatty, is
+not throttled (each notification comes with a move, and a wake-up that sees a
+move excuses the next); every console runs in its own tasks, so none starves
+another.
 
 Xen's console has no end-of-file message; ``send_eof`` sends what a terminal
 sends for end of input, Ctrl-D (0x04), then refuses further sends.
@@ -58,7 +61,8 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
     async def pump(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run (in a nursery) for the stream's life: event channel -> waiters."""
         window_start, events = time.monotonic(), 0
-        seen = (self.rx.peer_index, self.tx.peer_index)
+        rings = (self.rx, self.tx)
+        highest = [ring.peer_index for ring in rings]  # the peer's prod (rx), cons (tx)
         moved = False
         task_status.started()
         while not self._closed:
@@ -66,15 +70,26 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
             now = time.monotonic()
             if now - window_start >= self.rate_window:
                 window_start, events = now, 0
-            current = (self.rx.peer_index, self.tx.peer_index)
+            # A move is an index that went past its highest value so far (one
+            # the peer sets back and forth moves no data) to a legal place: at
+            # most a ring-full away from ours ("prod - cons > size" is the byte
+            # rings' own check), so that moves are bounded by the data we
+            # exchange. Many ring-fulls may pass between two wake-ups.
+            advanced = False
+            for k, ring in enumerate(rings):
+                index = ring.peer_index
+                gap = (ring.index - index) if ring.writer else (index - ring.index)
+                if 0 < (index - highest[k]) & 0xFFFFFFFF < 0x80000000 and \
+                        gap & 0xFFFFFFFF <= ring.size:
+                    highest[k] = index
+                    advanced = True
             # A wake-up that moved nothing is spurious, unless the one before
             # it moved something: that one may have seen a move whose
             # notification was still on its way (the peer publishes, then
             # notifies), and this is that notification.
-            if current == seen and not moved:
+            if not advanced and not moved:
                 events += 1
-            moved = current != seen
-            seen = current
+            moved = advanced
             if events > self.rate_events:
                 self.throttled += 1
                 await trio.sleep(window_start + self.rate_window - now)

@@ -514,10 +514,12 @@ async def test_regression_a_move_seen_before_its_notification_is_not_a_spurious_
     200 ms pauses tens of times in 10 s. A wake-up right after one that saw a
     move is not counted; a flood of events with no move still is."""
     guest, back, _, tables = make_pair(rate_events=30, rate_window=60)
+    rounds = back.rate_events + 10
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(back.pump)
-            for _ in range(back.rate_events + 10):
+            received = back.channel.received
+            for _ in range(rounds):
                 guest.tx.write(b"a")
                 guest.channel.notify()
                 guest.tx.write(b"b")  # published before the pump runs, notified after
@@ -525,11 +527,74 @@ async def test_regression_a_move_seen_before_its_notification_is_not_a_spurious_
                 guest.channel.notify()  # b's own notification: nothing new to see
                 await wait_all_tasks_blocked()
                 assert back.rx.read() == b"ab"
+            assert back.channel.received - received == 2 * rounds  # two wake-ups a round
             assert back.throttled == 0
             for _ in range(back.rate_events + 2):  # events without any move
                 guest.channel.notify()
                 await wait_all_tasks_blocked()
             assert back.throttled == 1  # the pump sleeps out the (long) window
+            nursery.cancel_scope.cancel()
+    finally:
+        for table in tables:
+            table.close_all()
+
+
+async def test_regression_many_ring_fulls_between_two_wake_ups_are_a_move():
+    """Between two wake-ups of a pump the peer may consume many ring-fulls (the
+    sender refills as room appears, the pump task runs later). A first version
+    of the back-and-forth check took an index more than one ring ahead of the
+    last one seen for no move, never saw a move again, and throttled a 64 MiB
+    paste from the pty (tests/backends/test_consoleback.py) to 0.2 MB/s."""
+    guest, back, _, tables = make_pair(rate_events=30, rate_window=60)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(back.pump)
+            for _ in range(back.rate_events + 10):
+                for _ in range(3):  # three ring-fulls through, before the pump runs
+                    assert back.tx.write(b"i" * IN_SIZE) == IN_SIZE
+                    assert len(guest.rx.read()) == IN_SIZE
+                guest.channel.notify()
+                await wait_all_tasks_blocked()
+            assert back.throttled == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        for table in tables:
+            table.close_all()
+
+
+@pytest.mark.parametrize("attack", ["empty events after each byte", "index set back and forth",
+                                    "index run ahead of the data"])
+async def test_a_peer_moving_no_data_still_runs_out_of_wake_ups(attack):
+    """What a move excuses is bounded: one wake-up per byte-moving wake-up. A
+    guest that sets its in_cons back and forth (both values legal), or runs it
+    ahead of what the backend wrote (illegal, but no one reads the ring while
+    nothing is sent), moves no data, so its notifications count (they used to
+    buy one wake-up each)."""
+    guest, back, page, tables = make_pair(rate_events=30, rate_window=60)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(back.pump)
+            if attack != "empty events after each byte":
+                await back.send_all(b"x")  # something for the guest to (pretend to) read
+                prod = get_u32(page, IN_PROD)
+            for i in range(back.rate_events + 5):
+                if attack == "empty events after each byte":
+                    guest.tx.write(b"a")
+                    guest.channel.notify()
+                    await wait_all_tasks_blocked()
+                    back.rx.read()
+                    for _ in range(3):
+                        guest.channel.notify()
+                        await wait_all_tasks_blocked()
+                elif attack == "index set back and forth":
+                    set_u32(page, IN_CONS, prod - 1 + i % 2)
+                    guest.channel.notify()
+                    await wait_all_tasks_blocked()
+                else:  # in_cons past what the backend wrote, further each time
+                    set_u32(page, IN_CONS, prod + 1 + i)
+                    guest.channel.notify()
+                    await wait_all_tasks_blocked()
+            assert back.throttled >= 1
             nursery.cancel_scope.cancel()
     finally:
         for table in tables:
