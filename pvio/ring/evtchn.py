@@ -152,13 +152,13 @@ class EventChannel:
     def note_spurious(self, progress: object = None) -> float:
         """Record a wake-up that found no work; returns how long to pause (0: none).
 
-        Two kinds are not the peer's doing and do not count toward the budget:
-        the first after we raised our own port (:meth:`set_pending`), and any
-        after which the waiting end had taken work. ``progress`` is that end's
-        :attr:`~pvio.ring.FrontRing.progress` (None: unknown); if it moved
-        since the last such wake-up, the run of idle wake-ups starts again:
-        this one was, e.g., a wake-ahead kick that came just before its work,
-        which the end's next take (not a wait) found."""
+        The budget is for runs of them the peer caused. The first after we
+        raised our own port (:meth:`set_pending`) is not counted. ``progress``
+        is the waiting end's :attr:`~pvio.ring.FrontRing.progress` (None:
+        unknown); if it moved since the previous idle wake-up, the end took work
+        in between and the run starts again from this one: the previous one
+        was, e.g., a wake-ahead kick that came just before its work, which the
+        end's next take (not a wait) found."""
         self.spurious += 1
         if progress is not None and progress != self._idle_progress:
             self._idle_progress = progress
@@ -355,8 +355,9 @@ def wait_for_work_blocking(end, channel: EventChannel, poll: BusyPoll | None = N
     sends nothing), then ``final_check`` arms the event index and re-checks,
     and only then sleep on the event channel. A ring end's wake-up with work
     kicks the peer first if ``channel.wake_ahead`` says so. Returns False on
-    timeout. A wake-up without work counts against the channel's spurious
-    budget unless ``end.progress`` (if it has one) moved since the last one.
+    timeout. Wake-ups without work count toward the channel's spurious budget
+    (:meth:`EventChannel.note_spurious`); ``end.progress``, if the end has
+    one, moving in between starts the count again.
     """
     if poll is not None and poll.spin(end):
         channel.note_work()
