@@ -32,7 +32,13 @@ import time
 
 import trio
 
-from pvio.ring import ByteRing, EventChannel, RingBrokenError
+from pvio.ring import (
+    ByteRing,
+    EventChannel,
+    EventChannelBlockedError,
+    RemoteProtocolError,
+    RingBrokenError,
+)
 
 EOT = b"\x04"
 RATE_EVENTS = 30  # xenconsoled: at most 30 events ...
@@ -99,10 +105,16 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    def _broken(self, exc: RingBrokenError) -> trio.BrokenResourceError:
+    def _broken(self, exc: RemoteProtocolError) -> trio.BrokenResourceError:
         err = trio.BrokenResourceError(f"console peer broke the protocol: {exc}")
         err.__cause__ = exc
         return err
+
+    def _notify(self) -> None:
+        try:
+            self.channel.notify()
+        except EventChannelBlockedError as exc:
+            raise self._broken(exc) from exc
 
     async def send_all(self, data) -> None:
         with self._send_conflict:
@@ -118,7 +130,7 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
                 except RingBrokenError as exc:
                     raise self._broken(exc) from exc
                 if n:
-                    self.channel.notify()
+                    self._notify()
                     self.bytes_out += n
                     view = view[n:]
                     await trio.lowlevel.checkpoint_if_cancelled()
@@ -165,7 +177,7 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
                 except RingBrokenError as exc:
                     raise self._broken(exc) from exc
                 if n:
-                    self.channel.notify()  # room for the writer
+                    self._notify()  # room for the writer
                     self.bytes_in += n
                     # The bytes are consumed: no cancellation may lose them now.
                     await trio.lowlevel.cancel_shielded_checkpoint()

@@ -26,6 +26,7 @@ from pvio.capture import CaptureTap
 from pvio.config import Config, DeviceConfig
 from pvio.layouts import XenbusState as S
 from pvio.netswitch import Switch
+from pvio.ring import guard_sends
 from pvio.xenbus.device import BackendDevice, backend_path, frontend_path
 from pvio.xenbus.server import Domain, LocalStore, XenstoreServer
 from pvio.xenbus.state import parse_state
@@ -81,6 +82,10 @@ class Daemon:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
+        # A frontend that blocks a notification (its eventfd made blocking and
+        # saturated under our send) loses its device instead of freezing the
+        # daemon (pvio.ring.guard_sends).
+        guard_sends()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.server.serve, self.config.admin_socket, self.config.socket)

@@ -33,7 +33,16 @@ from pvio._log import RateLimitedLogger
 from pvio.backends._blkfast import NOT_FAST, BlkFastPath
 from pvio.blkif import BackendFeatures, BlkError, BlkRequest, parse_request
 from pvio.layouts import VDISK_READONLY, XEN_PAGE_SIZE, BlkifOp, BlkifRsp
-from pvio.ring import BLKIF, BackRing, BusyPoll, GrantError, RingBrokenError, wait_for_work
+from pvio.ring import (
+    BLKIF,
+    BackRing,
+    BusyPoll,
+    EventChannelBlockedError,
+    GrantError,
+    RemoteProtocolError,
+    RingBrokenError,
+    wait_for_work,
+)
 from pvio.ring._lib import ffi, lib
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import VBD, BackendConnection, RingBackendDriver
@@ -210,10 +219,7 @@ class BlkBackend(RingBackendDriver):
                 try:
                     batch = ring.take_requests()
                 except RingBrokenError as exc:
-                    peer_log.warning(f"ring:{self.domain.domid}", "vbd of dom%d: %s; "
-                                     "disconnecting the device", self.domain.domid, exc)
-                    if self.on_failure is not None:
-                        self.nursery.start_soon(self.on_failure, str(exc))
+                    self._peer_broke(exc)
                     return
                 n = len(batch) // blkif.REQ_SIZE
                 if n == 0:
@@ -241,7 +247,11 @@ class BlkBackend(RingBackendDriver):
                     i = stop
                 _, notify = ring.produce(memoryview(out)[:n * blkif.RSP_SIZE])
                 if notify:
-                    channel.notify()
+                    try:
+                        channel.notify()
+                    except EventChannelBlockedError as exc:
+                        self._peer_broke(exc)
+                        return
                 self.stats.batches += 1
                 self.stats.max_batch = max(self.stats.max_batch, n)
                 # One checkpoint per batch: inline I/O and a busy-poll that finds
@@ -252,6 +262,12 @@ class BlkBackend(RingBackendDriver):
             self._fast.remove(fast)
             self._fold(fast)
             stopped.set()
+
+    def _peer_broke(self, exc: RemoteProtocolError) -> None:
+        peer_log.warning(f"ring:{self.domain.domid}", "vbd of dom%d: %s; disconnecting the "
+                         "device", self.domain.domid, exc)
+        if self.on_failure is not None:
+            self.nursery.start_soon(self.on_failure, str(exc))
 
     async def _execute(self, reqs: list, mapper, pool, feats: BackendFeatures) -> list:
         """Pin, do the batch's I/O in one worker thread, unpin; (id, op, status) each."""

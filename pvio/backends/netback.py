@@ -68,7 +68,15 @@ from pvio.netif import (
     tx_reason,
 )
 from pvio.netswitch import Port, Switch
-from pvio.ring import NETIF_RX, NETIF_TX, BackRing, GrantError, RingBrokenError, wait_for_work
+from pvio.ring import (
+    NETIF_RX,
+    NETIF_TX,
+    BackRing,
+    GrantError,
+    RemoteProtocolError,
+    RingBrokenError,
+    wait_for_work,
+)
 from pvio.ring._lib import ffi, lib
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import VIF, BackendConnection, RingBackendDriver
@@ -346,7 +354,7 @@ class NetBackend(RingBackendDriver):
                         done += self._tx(queue, mapper)
                     if work.rx:
                         done += self._rx(queue, mapper)
-                except (RingBrokenError, NetifFatal) as exc:
+                except (RemoteProtocolError, NetifFatal) as exc:  # a bad ring, a blocked send
                     self._broken(queue, exc)
                     return
                 if done:
@@ -369,11 +377,10 @@ class NetBackend(RingBackendDriver):
         queue = self._queues[q]
         try:
             self._rx(queue, self.domain.mapper())
-        except (RingBrokenError, NetifFatal) as exc:
+            if queue.frames:
+                queue.channels[1].set_pending()
+        except (RemoteProtocolError, NetifFatal) as exc:  # a bad ring, a blocked send
             self._broken(queue, exc)
-            return
-        if queue.frames:
-            queue.channels[1].set_pending()
 
     def _broken(self, queue: _Queue, exc: Exception) -> None:
         self.stats.last_error = str(exc)

@@ -12,6 +12,7 @@ awaitable waits). Public API:
 
 from pvio.ring.bytering import ByteRing, console_rings, flex_queued, flex_rings
 from pvio.ring.errors import (
+    EventChannelBlockedError,
     GrantError,
     LocalProtocolError,
     PvioError,
@@ -24,6 +25,7 @@ from pvio.ring.evtchn import (
     EventChannel,
     EventChannelTable,
     UnboundPort,
+    guard_sends,
     wait_for_work,
     wait_for_work_blocking,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "ByteRing",
     "CopyOp",
     "EventChannel",
+    "EventChannelBlockedError",
     "EventChannelTable",
     "FrontRing",
     "GrantEntry",
@@ -72,6 +75,7 @@ __all__ = [
     "console_rings",
     "flex_queued",
     "flex_rings",
+    "guard_sends",
     "need_notify",
     "request_cons_overflow",
     "request_prod_overflow",

@@ -34,7 +34,8 @@ ffibuilder.set_source(
     + _STRUCTS
     + _HEADER
     + _SOURCE,
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

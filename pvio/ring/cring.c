@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <sched.h>
 #include <time.h>
 #include <unistd.h>
@@ -357,14 +360,157 @@ int pvio_evtchn_consume(int fd)
     return errno == EAGAIN ? 0 : -errno;
 }
 
+/* ---------------------------------------------------------- send guard
+ *
+ * The peer shares the eventfd we write to, so it can clear O_NONBLOCK and
+ * saturate the counter between our poll(POLLOUT) and our write: the write then
+ * waits until the peer reads, which a hostile peer never does, and the thread
+ * (a daemon's whole event loop) is stuck. No flag or call makes one eventfd
+ * write non-blocking on our side (pwritev2 RWF_NOWAIT: EOPNOTSUPP), so the
+ * guard bounds the wait instead: each write records when it started, and a
+ * watchdog thread (pvio_send_guard_start) interrupts with a signal a write
+ * that has waited longer than the timeout. The write then fails with EINTR,
+ * which only a waiting eventfd write can return, and the send fails with
+ * -ETIMEDOUT: the caller disconnects that peer. Cost on the hot path: two
+ * relaxed stores and a vDSO clock read per send, and only once started. */
+#define PVIO_GUARD_SLOTS 128
+
+struct pvio_guard_slot {
+    _Atomic uint64_t since;  /* ns (CLOCK_MONOTONIC) the write began; 0: none */
+    _Atomic int used;
+    pthread_t thread;
+};
+
+static struct pvio_guard_slot guard_slots[PVIO_GUARD_SLOTS];
+static _Atomic int guard_signo;  /* 0: the guard is off */
+static _Atomic int64_t guard_timeout_ns;
+static pthread_key_t guard_key;
+static __thread struct pvio_guard_slot *guard_mine;
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void guard_interrupt(int signo) { (void)signo; }
+
+static void guard_release(void *slot)
+{
+    atomic_store(&((struct pvio_guard_slot *)slot)->used, 0);
+}
+
+static void guard_after_fork(void)
+{
+    atomic_store(&guard_signo, 0);  /* the child has no watchdog thread */
+}
+
+static struct pvio_guard_slot *guard_slot(void)
+{
+    if (guard_mine == NULL) {
+        for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
+            int free_ = 0;
+            if (atomic_compare_exchange_strong(&guard_slots[i].used, &free_, 1)) {
+                guard_slots[i].thread = pthread_self();
+                atomic_store(&guard_slots[i].since, 0);
+                pthread_setspecific(guard_key, &guard_slots[i]);
+                guard_mine = &guard_slots[i];
+                break;
+            }
+        }
+    }
+    return guard_mine;  /* NULL if more than PVIO_GUARD_SLOTS threads send: unguarded */
+}
+
+static void *guard_watch(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        int64_t timeout = atomic_load(&guard_timeout_ns);
+        struct timespec nap = {(time_t)(timeout / 2000000000), (long)(timeout / 2 % 1000000000)};
+        nanosleep(&nap, NULL);
+        uint64_t now = now_ns();
+        for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
+            uint64_t since = atomic_load(&guard_slots[i].since);
+            if (since && atomic_load(&guard_slots[i].used) &&
+                now - since > (uint64_t)atomic_load(&guard_timeout_ns))
+                pthread_kill(guard_slots[i].thread, atomic_load(&guard_signo));
+        }
+    }
+    return NULL;
+}
+
+/* Start the send guard (once per process; again: a new timeout). signo gets a
+ * handler that does nothing, installed without SA_RESTART so that it
+ * interrupts the write. 0 or -errno. */
+int pvio_send_guard_start(int signo, int64_t timeout_ns)
+{
+    static int started;
+    int rc = 0;
+    if (timeout_ns <= 0 || signo <= 0)
+        return -EINVAL;
+    pthread_mutex_lock(&guard_lock);
+    atomic_store(&guard_timeout_ns, timeout_ns);
+    if (!started) {
+        struct sigaction sa;
+        sigset_t all, old;
+        pthread_t watcher;
+        pthread_attr_t attr;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = guard_interrupt;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(signo, &sa, NULL) || (rc = pthread_key_create(&guard_key, guard_release)))
+            rc = rc ? -rc : -errno;
+        else {
+            /* The watchdog takes no process signal: it must not steal a
+             * handler's run from the threads that wait for one. */
+            sigfillset(&all);
+            pthread_sigmask(SIG_SETMASK, &all, &old);
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            rc = -pthread_create(&watcher, &attr, guard_watch, NULL);
+            pthread_attr_destroy(&attr);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            if (!rc) {
+                pthread_atfork(NULL, NULL, guard_after_fork);
+                started = 1;
+            }
+        }
+    }
+    if (!rc)
+        atomic_store(&guard_signo, signo);
+    pthread_mutex_unlock(&guard_lock);
+    return rc;
+}
+
+/* Add 1 to an eventfd, under the send guard if it runs. A counter at its
+ * limit with O_NONBLOCK set means an event is pending already (0). 0, or
+ * -ETIMEDOUT (the write waited: the peer blocked it), or -errno. */
+int pvio_evtchn_write(int fd)
+{
+    struct pvio_guard_slot *slot = atomic_load_explicit(&guard_signo, memory_order_relaxed)
+                                       ? guard_slot() : NULL;
+    uint64_t one = 1;
+    ssize_t n;
+    int err;
+    if (slot)
+        atomic_store_explicit(&slot->since, now_ns() | 1, memory_order_relaxed);
+    n = write(fd, &one, sizeof one);
+    err = errno;
+    if (slot)
+        atomic_store_explicit(&slot->since, 0, memory_order_relaxed);
+    if (n == (ssize_t)sizeof one)
+        return 0;
+    if (n >= 0)
+        return -EIO;
+    if (err == EINTR)
+        return -ETIMEDOUT;
+    return err == EAGAIN ? 0 : -err;
+}
+
 /* EVTCHNOP_send: add 1 to the peer's eventfd. A counter the peer saturated
  * means an event is pending already (0, as for a sent one); the write is only
  * tried when poll says it cannot block, so a peer that cleared O_NONBLOCK
- * cannot stall us. 0 on success, -errno on error (a closed fd: -EBADF). */
+ * cannot stall us, except in the race the send guard bounds. 0 on success,
+ * -ETIMEDOUT (see pvio_evtchn_write), -errno on error (a closed fd: -EBADF). */
 int pvio_evtchn_send(int fd)
 {
     struct pollfd p = {fd, POLLOUT, 0};
-    uint64_t one = 1;
     int rc = poll(&p, 1, 0);
     if (rc < 0)
         return -errno;
@@ -372,9 +518,7 @@ int pvio_evtchn_send(int fd)
         return -EBADF;
     if (!(p.revents & POLLOUT))
         return 0;
-    if (write(fd, &one, sizeof one) == (ssize_t)sizeof one)
-        return 0;
-    return errno == EAGAIN ? 0 : -errno;
+    return pvio_evtchn_write(fd);
 }
 
 /* ppoll fd for POLLIN until deadline (timeout_ns < 0: forever). 1: readable,
@@ -464,8 +608,12 @@ static int kick_wanted(pvio_ring *r, int back)
 static void kick_peer(pvio_ring *r, int fd)
 {
     struct pollfd p = {fd, POLLIN, 0};
-    int rc;
-    if (pvio_evtchn_send(fd) != 0)
+    int rc = pvio_evtchn_send(fd);
+    if (rc == -ETIMEDOUT) {  /* the peer blocked the kick: no more of them */
+        r->kick_backoff = r->kick_skip = UINT32_MAX;
+        return;
+    }
+    if (rc != 0)
         return;
     r->wake_ahead_sent++;
     rc = poll(&p, 1, 0);

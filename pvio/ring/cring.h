@@ -88,6 +88,8 @@ int pvio_response_prod_overflow(uint32_t prod, uint32_t rsp_cons, uint32_t nr_en
  * 0/1 or -errno (see cring.c). */
 int pvio_evtchn_consume(int fd);
 int pvio_evtchn_send(int fd);
+int pvio_evtchn_write(int fd);
+int pvio_send_guard_start(int signo, int64_t timeout_ns);
 int pvio_evtchn_wait(int fd, int64_t timeout_ns);
 /* RING_FINAL_CHECK_FOR_* plus the sleep on the end's eventfd, in one call;
  * *stale: the eventfd may hold an event a wake-up left unread; ahead_fd: the

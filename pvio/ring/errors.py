@@ -36,6 +36,11 @@ class RingBrokenError(RemoteProtocolError):
         self.index = index
 
 
+class EventChannelBlockedError(RemoteProtocolError):
+    """A send on an event channel waited: the peer, who shares the eventfd,
+    made it blocking and saturated its counter (see :func:`guard_sends`)."""
+
+
 class GrantError(PvioError):
     """A grant operation failed with a ``GNTST_*`` status (grant_table.h)."""
 

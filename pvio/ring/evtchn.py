@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import trio
 
 from pvio.layouts import EVTCHN_2L_NR_CHANNELS, EvtchnStatus
 from pvio.ring._lib import ffi, lib
-from pvio.ring.errors import LocalProtocolError
+from pvio.ring.errors import EventChannelBlockedError, LocalProtocolError
 
 # The eventfd work is one C call each (GIL released, no exception on EAGAIN):
 # a sleep and a wake-up sit on every queue-depth-1 round trip.
@@ -40,12 +41,44 @@ _send = lib.pvio_evtchn_send
 _wait = lib.pvio_evtchn_wait
 _ring_sleep = lib.pvio_ring_sleep
 _EINTR = -errno.EINTR
+_ETIMEDOUT = -errno.ETIMEDOUT
 _SLEEP_WORK = lib.PVIO_SLEEP_WORK
 _SLEEP_WOKE_WORK = lib.PVIO_SLEEP_WOKE_WORK
 
 
 def _oserror(rc: int) -> OSError:
     return OSError(-rc, os.strerror(-rc))
+
+
+def _send_error(rc: int, fd: int) -> Exception:
+    if rc == _ETIMEDOUT:
+        return EventChannelBlockedError(
+            f"a send to eventfd {fd} waited longer than the send guard allows: the peer "
+            "made the eventfd blocking and saturated its counter")
+    return _oserror(rc)
+
+
+#: The signal the send guard interrupts a waiting eventfd write with.
+GUARD_SIGNAL = signal.SIGRTMAX - 2
+
+
+def guard_sends(timeout: float = 1.0, signo: int = GUARD_SIGNAL) -> None:
+    """Bound how long a send may wait on a peer's eventfd (once per process).
+
+    The peer shares the eventfd a send writes to, so it can clear
+    ``O_NONBLOCK`` and saturate the counter between the send's ``poll`` and its
+    ``write``: the write then waits for the peer to read, which a hostile peer
+    never does, and the whole thread (a daemon's event loop) stops. With the
+    guard, a watchdog thread interrupts such a write after ``timeout`` seconds
+    with ``signo`` (given a handler that does nothing, without ``SA_RESTART``);
+    the send raises :class:`EventChannelBlockedError`, a
+    :class:`RemoteProtocolError`, and the service disconnects that peer. An
+    honest send never waits, so nothing else changes; the watchdog wakes twice
+    per ``timeout`` (a blocked send ends within 1.5 ``timeout``). ``pvio
+    serve`` starts it; processes that embed a frontend may."""
+    rc = lib.pvio_send_guard_start(int(signo), int(timeout * 1e9))
+    if rc:
+        raise _oserror(rc)
 
 
 def _new_eventfd() -> int:
@@ -96,10 +129,13 @@ class EventChannel:
         counter it saturated means an event is pending already (EAGAIN is a
         sent event, not an error), and a peer that made the fd blocking gets
         its notification skipped rather than stalling us (POLLOUT is checked
-        first; the fd was made non-blocking when bound)."""
+        first; the fd was made non-blocking when bound). A peer that does so
+        between the check and the write makes the write wait; under
+        :func:`guard_sends` it raises :class:`EventChannelBlockedError` after
+        the guard's timeout."""
         rc = _send(self.remote_fd)
         if rc:
-            raise _oserror(rc)
+            raise _send_error(rc, self.remote_fd)
         self.sent += 1
 
     def set_pending(self) -> None:
@@ -110,7 +146,7 @@ class EventChannel:
         for :meth:`notify`."""
         rc = _send(self.local_fd)
         if rc:
-            raise _oserror(rc)
+            raise _send_error(rc, self.local_fd)
         self._raised = True
 
     def consume(self) -> bool:

@@ -33,6 +33,7 @@ from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError
 from pvio.frontends.session import open_session
 from pvio.layouts import BlkifOp, BlkifRsp
 from pvio.layouts import XenbusState as S
+from pvio.ring import EventChannelBlockedError
 from tests.blk_helpers import (
     PAGE,
     U64,
@@ -764,6 +765,34 @@ async def test_broken_ring_index_closes_only_that_device(daemon, cotenant):
         front, _ = await attach_blk(s)
         await front.write(0, b"again")
         assert await front.read(0, 5) == b"again"
+
+
+def _block_sends(channel) -> None:
+    """What the send guard makes of a notification the peer blocked (its eventfd
+    made blocking and saturated between our poll and our write)."""
+    def blocked() -> None:
+        raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+    channel.notify = blocked
+
+
+async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
+        daemon, cotenant):
+    """Until the send guard, a notification the frontend blocked froze the
+    daemon's event loop; now the send raises, and the device is disconnected
+    like one with a broken ring, nothing else."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, _ = await attach_raw(s, XVDA)
+        ro, _ = await attach_raw(s, XVDB)
+        be, _ = paths(s, XVDA)
+        backend = backend_device(daemon, "evil", XVDA)
+        _block_sends(backend.driver.conn.queues[0].channel)
+        _, ref, _ = raw.page()
+        raw.send(rw_req(R, 1, 0, [(ref, 0, 7)]))  # answered, then the notify fails
+        await wait_state(s.xs, f"{be}/state", lambda st: st in (S.Closing, S.Closed))
+        assert "waited" in backend.status.last_error
+        _, ref2, _ = ro.page()
+        assert await ro.call(rw_req(R, 2, 0, [(ref2, 0, 7)])) == [(2, R, OK)]
+        await cotenant.progress(5)
 
 
 async def test_regression_two_queues_breaking_at_once_close_the_device_once(daemon, cotenant):

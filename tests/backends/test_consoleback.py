@@ -40,6 +40,7 @@ import trio
 from pvio.frontends.console import open_console
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
+from pvio.ring import EventChannelBlockedError
 from pvio.xenbus.device import backend_path
 from tests.console_helpers import (
     IN_CONS,
@@ -619,6 +620,29 @@ async def test_in_cons_beyond_in_prod_disconnects_only_that_console(daemon, tena
             await _expect_disconnected(daemon, s, device)
         finally:
             os.close(fd)
+        await tenant.check()
+
+
+async def test_a_guest_that_blocks_our_notification_loses_only_that_console(daemon, tenant):
+    """A notification the guest blocked (its eventfd made blocking and saturated
+    between our poll and our write) raises under the send guard: the console is
+    disconnected like one with a broken ring, the other domain's keeps echoing."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, device = await attach_raw_console(s)
+
+        def blocked() -> None:
+            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+        console_driver(daemon, "evil").stream.channel.notify = blocked
+        page = raw.area(0)
+        page[OUT_OFF:OUT_OFF + 3] = b"ok\n"
+        set_u32(page, OUT_PROD, 3)
+        raw.channel.notify()  # the backend takes the bytes, then its notify fails
+        be = backend_path("console", s.domid, 0)
+        await wait_state(s.xs, f"{be}/state", lambda st: st in (S.Closing, S.Closed))
+        assert "waited" in console_device(daemon, "evil").status.last_error
+        with trio.fail_after(5):
+            await device.closed.wait()
         await tenant.check()
 
 

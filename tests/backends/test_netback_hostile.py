@@ -24,6 +24,7 @@ import trio
 
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
+from pvio.ring import EventChannelBlockedError
 from tests.net_helpers import (
     EXTRA_TYPE_HASH,
     EXTRA_TYPE_MAX,
@@ -403,6 +404,36 @@ async def test_chain_running_past_req_prod_disconnects_only_that_vif(daemon, pai
         await other.send(frame)
         assert await pair.seen(b"other-vif") == frame
         assert backend_device(daemon, "evil", 1).status.state == S.Connected
+
+
+@pytest.mark.parametrize("ring", ["tx", "rx"])
+async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemon, pair, ring):
+    """A notification the guest blocked (its eventfd made blocking and saturated
+    between our poll and our write) raises under the send guard. On RX it is
+    raised while another vif's frames are delivered, in that vif's task: the
+    sender must keep working and only the blocking vif be disconnected."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, device = await attach_raw(s, features={"feature-sg": "1"})
+        evil = Evil(daemon, s, raw, device)
+        await evil.still_delivers(pair)
+        queue = evil.backend.driver.conn.queues[0]
+
+        def blocked() -> None:
+            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+        for channel in {queue.channel, queue.rx_channel}:
+            channel.notify = blocked
+        if ring == "tx":
+            raw.tx[0].arm()  # the guest waits for the answer: the backend notifies
+            slots, _ = evil.good_slots(pair.b.mac)
+            raw.send(*slots)
+        else:
+            raw.post_rx_pages(2)
+            raw.rx[0].arm()
+            await pair.a.send(eth(raw.mac, pair.a.mac, b"to-evil" + bytes(80)))
+        await evil.closed()
+        assert "waited" in evil.backend.status.last_error
+        await pair.progress(5)
 
 
 @pytest.mark.parametrize(("ring", "delta"), [("tx", 257), ("tx", -1), ("tx", 1 << 31),

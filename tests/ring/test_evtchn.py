@@ -984,3 +984,57 @@ def test_regression_binding_to_a_saturated_eventfd_leaves_the_port_pending():
     assert channel.consume() is True  # pending, as binding promises
     assert channel.consume() is False
     table.close(channel.port)
+
+
+_GUARD_SCRIPT = r"""
+import errno, os, threading, time
+from pvio.ring import guard_sends
+from pvio.ring._lib import lib
+
+guard_sends(timeout=0.3)
+honest = os.eventfd(0, os.EFD_NONBLOCK)
+assert lib.pvio_evtchn_write(honest) == 0 and os.eventfd_read(honest) == 1
+
+blocked = os.eventfd(0)  # what the peer made of the eventfd we write to:
+os.eventfd_write(blocked, 0xFFFFFFFFFFFFFFFE)  # blocking, counter saturated
+for _ in range(2):  # the guard fires again for the next blocked write
+    t0 = time.monotonic()
+    rc = lib.pvio_evtchn_write(blocked)
+    waited = time.monotonic() - t0
+    assert rc == -errno.ETIMEDOUT, rc
+    assert 0.3 <= waited < 3, waited
+
+# Other threads send meanwhile, and everything else goes on after.
+results = []
+t = threading.Thread(target=lambda: results.append(lib.pvio_evtchn_write(blocked)))
+t.start(); t.join(5)
+assert results == [-errno.ETIMEDOUT], results
+t0 = time.monotonic(); time.sleep(0.5)
+assert time.monotonic() - t0 >= 0.5
+assert lib.pvio_evtchn_write(honest) == 0 and os.eventfd_read(honest) == 1
+print("ok")
+"""
+
+
+def test_the_send_guard_ends_a_write_the_peer_blocked():
+    """The race notify's POLLOUT check cannot close: the peer makes its eventfd
+    blocking and saturates it between our poll and our write. The guarded write
+    (pvio_evtchn_write, the second half of every send) gives up after the guard's
+    timeout with -ETIMEDOUT, in any thread, as often as it happens, and the
+    process goes on (its own process: the guard is per process)."""
+    out = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_blocked_send_raises_event_channel_blocked_error(bound, monkeypatch):
+    """What notify and set_pending make of the guard's -ETIMEDOUT: the peer's
+    fault (a RemoteProtocolError), so that the service disconnects it."""
+    from pvio.ring import EventChannelBlockedError, RemoteProtocolError, evtchn
+
+    monkeypatch.setattr(evtchn, "_send", lambda fd: -errno.ETIMEDOUT)
+    for call in (bound.a.notify, bound.a.set_pending):
+        with pytest.raises(EventChannelBlockedError) as info:
+            call()
+        assert isinstance(info.value, RemoteProtocolError)
+        assert "blocking" in str(info.value)
