@@ -370,34 +370,70 @@ int pvio_evtchn_consume(int fd)
  * guard bounds the wait instead: each write records when it started, and a
  * watchdog thread (pvio_send_guard_start) interrupts with a signal a write
  * that has waited longer than the timeout. The write then fails with EINTR,
- * which only a waiting eventfd write can return, and the send fails with
- * -ETIMEDOUT: the caller disconnects that peer. Cost on the hot path: two
- * relaxed stores and a vDSO clock read per send, and only once started. */
+ * which only a waiting eventfd write can return (eventfd_write looks for
+ * signals only inside its wait), and the send fails with -ETIMEDOUT: the
+ * caller disconnects that peer.
+ *
+ * A signal sent just as the write completed must not interrupt a later call
+ * of that thread: the watchdog decides and signals under the slot's lock, the
+ * writer clears its slot under the same lock, and a writer that was signalled
+ * but not interrupted takes the signal while it is blocked (sigtimedwait).
+ *
+ * The watchdog scans every half timeout while sends happen and parks on a
+ * futex after a second without any, so an idle process is never woken; the
+ * first send after that wakes it (one syscall). Cost per send otherwise: a
+ * vDSO clock read, an uncontended lock and a few atomic operations. */
+#include <linux/futex.h>
+#include <sys/syscall.h>
+
 #define PVIO_GUARD_SLOTS 128
+#define PVIO_GUARD_IDLE_NS 1000000000ull
 
 struct pvio_guard_slot {
+    pthread_mutex_t lock;
     _Atomic uint64_t since;  /* ns (CLOCK_MONOTONIC) the write began; 0: none */
     _Atomic int used;
+    int signalled;           /* under lock: the watchdog signalled this write */
     pthread_t thread;
 };
 
 static struct pvio_guard_slot guard_slots[PVIO_GUARD_SLOTS];
 static _Atomic int guard_signo;  /* 0: the guard is off */
 static _Atomic int64_t guard_timeout_ns;
+static _Atomic uint64_t guard_sends;   /* sends begun: the watchdog's sign of life */
+static _Atomic int guard_parked;
+static _Atomic uint32_t guard_bell;    /* futex word the parked watchdog sleeps on */
+static int guard_started;
 static pthread_key_t guard_key;
 static __thread struct pvio_guard_slot *guard_mine;
 static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void guard_interrupt(int signo) { (void)signo; }
 
-static void guard_release(void *slot)
+static void guard_release(void *p)
 {
-    atomic_store(&((struct pvio_guard_slot *)slot)->used, 0);
+    struct pvio_guard_slot *slot = p;
+    pthread_mutex_lock(&slot->lock);
+    atomic_store(&slot->since, 0);
+    atomic_store(&slot->used, 0);
+    pthread_mutex_unlock(&slot->lock);
 }
 
+/* The child of a fork has no watchdog: the guard is off there, and may be
+ * started again; the slots of the parent's threads are free. */
 static void guard_after_fork(void)
 {
-    atomic_store(&guard_signo, 0);  /* the child has no watchdog thread */
+    atomic_store(&guard_signo, 0);
+    atomic_store(&guard_parked, 0);
+    guard_started = 0;
+    guard_mine = NULL;
+    pthread_mutex_init(&guard_lock, NULL);
+    for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
+        pthread_mutex_init(&guard_slots[i].lock, NULL);
+        atomic_store(&guard_slots[i].since, 0);
+        atomic_store(&guard_slots[i].used, 0);
+        guard_slots[i].signalled = 0;
+    }
 }
 
 static struct pvio_guard_slot *guard_slot(void)
@@ -406,8 +442,10 @@ static struct pvio_guard_slot *guard_slot(void)
         for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
             int free_ = 0;
             if (atomic_compare_exchange_strong(&guard_slots[i].used, &free_, 1)) {
+                pthread_mutex_lock(&guard_slots[i].lock);
                 guard_slots[i].thread = pthread_self();
-                atomic_store(&guard_slots[i].since, 0);
+                guard_slots[i].signalled = 0;
+                pthread_mutex_unlock(&guard_slots[i].lock);
                 pthread_setspecific(guard_key, &guard_slots[i]);
                 guard_mine = &guard_slots[i];
                 break;
@@ -419,34 +457,63 @@ static struct pvio_guard_slot *guard_slot(void)
 
 static void *guard_watch(void *arg)
 {
+    uint64_t seen = atomic_load(&guard_sends), quiet_since = now_ns();
     (void)arg;
     for (;;) {
         int64_t timeout = atomic_load(&guard_timeout_ns);
         struct timespec nap = {(time_t)(timeout / 2000000000), (long)(timeout / 2 % 1000000000)};
+        uint64_t now, sends;
+        int busy = 0;
         nanosleep(&nap, NULL);
-        uint64_t now = now_ns();
+        now = now_ns();
         for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
-            uint64_t since = atomic_load(&guard_slots[i].since);
-            if (since && atomic_load(&guard_slots[i].used) &&
-                now - since > (uint64_t)atomic_load(&guard_timeout_ns))
-                pthread_kill(guard_slots[i].thread, atomic_load(&guard_signo));
+            struct pvio_guard_slot *slot = &guard_slots[i];
+            uint64_t since = atomic_load(&slot->since);
+            if (!since)
+                continue;
+            busy = 1;
+            if (now - since <= (uint64_t)timeout)
+                continue;
+            pthread_mutex_lock(&slot->lock);
+            since = atomic_load(&slot->since);
+            if (since && atomic_load(&slot->used) && !slot->signalled &&
+                now - since > (uint64_t)timeout) {
+                slot->signalled = 1;
+                pthread_kill(slot->thread, atomic_load(&guard_signo));
+            }
+            pthread_mutex_unlock(&slot->lock);
+        }
+        sends = atomic_load(&guard_sends);
+        if (sends != seen || busy) {
+            seen = sends;
+            quiet_since = now;
+        } else if (now - quiet_since > PVIO_GUARD_IDLE_NS) {
+            uint32_t bell = atomic_load(&guard_bell);
+            atomic_store(&guard_parked, 1);
+            if (atomic_load(&guard_sends) == seen)  /* else a sender missed the flag */
+                syscall(SYS_futex, &guard_bell, FUTEX_WAIT_PRIVATE, bell, NULL, NULL, 0);
+            atomic_store(&guard_parked, 0);
+            seen = atomic_load(&guard_sends);
+            quiet_since = now_ns();
         }
     }
     return NULL;
 }
 
-/* Start the send guard (once per process; again: a new timeout). signo gets a
- * handler that does nothing, installed without SA_RESTART so that it
- * interrupts the write. 0 or -errno. */
+/* Start the send guard (once per process; again with the same signal: a new
+ * timeout). signo gets a handler that does nothing, installed without
+ * SA_RESTART so that it interrupts the write. 0, -EBUSY (running with another
+ * signal) or -errno. */
 int pvio_send_guard_start(int signo, int64_t timeout_ns)
 {
-    static int started;
     int rc = 0;
-    if (timeout_ns <= 0 || signo <= 0)
+    if (timeout_ns < 1000000 || signo <= 0 || signo >= NSIG)
         return -EINVAL;
     pthread_mutex_lock(&guard_lock);
-    atomic_store(&guard_timeout_ns, timeout_ns);
-    if (!started) {
+    if (guard_started && signo != atomic_load(&guard_signo)) {
+        rc = -EBUSY;
+    } else if (!guard_started) {
+        static int key_made;
         struct sigaction sa;
         sigset_t all, old;
         pthread_t watcher;
@@ -454,9 +521,17 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = guard_interrupt;
         sigemptyset(&sa.sa_mask);
-        if (sigaction(signo, &sa, NULL) || (rc = pthread_key_create(&guard_key, guard_release)))
-            rc = rc ? -rc : -errno;
-        else {
+        if (sigaction(signo, &sa, NULL))
+            rc = -errno;
+        else if (!key_made && (rc = -pthread_key_create(&guard_key, guard_release)) == 0)
+            key_made = 1;
+        if (!rc) {
+            static int atfork_set;
+            if (!atfork_set && (rc = -pthread_atfork(NULL, NULL, guard_after_fork)) == 0)
+                atfork_set = 1;
+        }
+        if (!rc) {
+            atomic_store(&guard_timeout_ns, timeout_ns);
             /* The watchdog takes no process signal: it must not steal a
              * handler's run from the threads that wait for one. */
             sigfillset(&all);
@@ -466,16 +541,30 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
             rc = -pthread_create(&watcher, &attr, guard_watch, NULL);
             pthread_attr_destroy(&attr);
             pthread_sigmask(SIG_SETMASK, &old, NULL);
-            if (!rc) {
-                pthread_atfork(NULL, NULL, guard_after_fork);
-                started = 1;
-            }
         }
+        if (!rc) {
+            guard_started = 1;
+            atomic_store(&guard_signo, signo);
+        }
+    } else {
+        atomic_store(&guard_timeout_ns, timeout_ns);
     }
-    if (!rc)
-        atomic_store(&guard_signo, signo);
     pthread_mutex_unlock(&guard_lock);
     return rc;
+}
+
+/* A signal the watchdog sent for a write that then completed: take it now,
+ * while it is blocked, rather than let it interrupt a later call. */
+static void guard_take_signal(int signo)
+{
+    sigset_t set, old;
+    struct timespec zero = {0, 0};
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    while (sigtimedwait(&set, NULL, &zero) < 0 && errno == EINTR)
+        ;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 /* Add 1 to an eventfd, under the send guard if it runs. A counter at its
@@ -483,17 +572,31 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
  * -ETIMEDOUT (the write waited: the peer blocked it), or -errno. */
 int pvio_evtchn_write(int fd)
 {
-    struct pvio_guard_slot *slot = atomic_load_explicit(&guard_signo, memory_order_relaxed)
-                                       ? guard_slot() : NULL;
+    int signo = atomic_load_explicit(&guard_signo, memory_order_relaxed);
+    struct pvio_guard_slot *slot = signo ? guard_slot() : NULL;
     uint64_t one = 1;
     ssize_t n;
-    int err;
-    if (slot)
-        atomic_store_explicit(&slot->since, now_ns() | 1, memory_order_relaxed);
+    int err, signalled = 0;
+    if (slot) {
+        atomic_store(&slot->since, now_ns() | 1);
+        atomic_fetch_add(&guard_sends, 1);
+        if (atomic_load(&guard_parked)) {
+            atomic_store(&guard_parked, 0);
+            atomic_fetch_add(&guard_bell, 1);
+            syscall(SYS_futex, &guard_bell, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        }
+    }
     n = write(fd, &one, sizeof one);
     err = errno;
-    if (slot)
-        atomic_store_explicit(&slot->since, 0, memory_order_relaxed);
+    if (slot) {
+        pthread_mutex_lock(&slot->lock);
+        atomic_store(&slot->since, 0);
+        signalled = slot->signalled;
+        slot->signalled = 0;
+        pthread_mutex_unlock(&slot->lock);
+        if (signalled && !(n < 0 && err == EINTR))
+            guard_take_signal(signo);
+    }
     if (n == (ssize_t)sizeof one)
         return 0;
     if (n >= 0)
@@ -511,7 +614,9 @@ int pvio_evtchn_write(int fd)
 int pvio_evtchn_send(int fd)
 {
     struct pollfd p = {fd, POLLOUT, 0};
-    int rc = poll(&p, 1, 0);
+    int rc;
+    while ((rc = poll(&p, 1, 0)) < 0 && errno == EINTR)
+        ;
     if (rc < 0)
         return -errno;
     if (p.revents & POLLNVAL)

@@ -62,7 +62,7 @@ def _send_error(rc: int, fd: int) -> Exception:
 GUARD_SIGNAL = signal.SIGRTMAX - 2
 
 
-def guard_sends(timeout: float = 1.0, signo: int = GUARD_SIGNAL) -> None:
+def guard_sends(timeout: float = 0.1, signo: int = GUARD_SIGNAL) -> None:
     """Bound how long a send may wait on a peer's eventfd (once per process).
 
     The peer shares the eventfd a send writes to, so it can clear
@@ -70,12 +70,17 @@ def guard_sends(timeout: float = 1.0, signo: int = GUARD_SIGNAL) -> None:
     ``write``: the write then waits for the peer to read, which a hostile peer
     never does, and the whole thread (a daemon's event loop) stops. With the
     guard, a watchdog thread interrupts such a write after ``timeout`` seconds
-    with ``signo`` (given a handler that does nothing, without ``SA_RESTART``);
-    the send raises :class:`EventChannelBlockedError`, a
-    :class:`RemoteProtocolError`, and the service disconnects that peer. An
-    honest send never waits, so nothing else changes; the watchdog wakes twice
-    per ``timeout`` (a blocked send ends within 1.5 ``timeout``). ``pvio
-    serve`` starts it; processes that embed a frontend may."""
+    (within 1.5 ``timeout``) with ``signo``, given a handler that does nothing,
+    without ``SA_RESTART``; the send raises :class:`EventChannelBlockedError`,
+    a :class:`RemoteProtocolError`, and the service disconnects that peer.
+
+    An honest send never waits, and an eventfd write that does not wait cannot
+    be interrupted, so a short timeout has no false alarms; a signal sent just
+    as a write completed is taken by that send, never by a later call. The
+    watchdog scans twice per ``timeout`` while sends happen and sleeps after a
+    second without any. Calling again changes the timeout; another ``signo``
+    raises ``OSError(EBUSY)``. ``pvio serve`` starts the guard; processes that
+    embed a frontend may."""
     rc = lib.pvio_send_guard_start(int(signo), int(timeout * 1e9))
     if rc:
         raise _oserror(rc)
@@ -324,7 +329,11 @@ class EventChannelTable:
                 port, local_fd, remote_fd, remote_domid=remote_domid, remote_port=remote_port
             )
             self._ports[port] = channel
-        channel.set_pending()
+        try:
+            channel.set_pending()
+        except BaseException:  # e.g. the peer blocked it (EventChannelBlockedError)
+            self.close(port)
+            raise
         return channel
 
     def status(self, port: int) -> EvtchnStatus:

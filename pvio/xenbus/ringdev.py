@@ -20,7 +20,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pvio.ring import EventChannel, EventChannelTable, GrantError, GrantMapping
+from pvio.ring import (
+    EventChannel,
+    EventChannelTable,
+    GrantError,
+    GrantMapping,
+    RemoteProtocolError,
+)
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.store import XenstoreError
 
@@ -205,8 +211,11 @@ class RingBackendDriver:
                     raise DeviceError(f"cannot map {key}: {exc}") from exc
             while taken:
                 fds = taken.pop(0)
-                channels.append(self._evtchn.bind_interdomain(
-                    self.domain.domid, ports[len(channels)], fds))
+                try:
+                    channels.append(self._evtchn.bind_interdomain(
+                        self.domain.domid, ports[len(channels)], fds))
+                except RemoteProtocolError as exc:  # it closed the fds it was given
+                    raise DeviceError(f"cannot bind event channel: {exc}") from exc
         except BaseException:
             for mapping in mappings:
                 mapping.close()

@@ -987,31 +987,70 @@ def test_regression_binding_to_a_saturated_eventfd_leaves_the_port_pending():
 
 
 _GUARD_SCRIPT = r"""
-import errno, os, threading, time
+import errno, os, signal, threading, time
 from pvio.ring import guard_sends
 from pvio.ring._lib import lib
 
-guard_sends(timeout=0.3)
+def blocked_eventfd():  # what the peer made of the eventfd we write to:
+    fd = os.eventfd(0)  # blocking,
+    os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)  # counter saturated
+    return fd
+
+def timed_write(fd):
+    t0 = time.monotonic()
+    rc = lib.pvio_evtchn_write(fd)
+    return rc, time.monotonic() - t0
+
+def watchdog_switches():
+    me = threading.get_native_id()
+    tids = [int(t) for t in os.listdir("/proc/self/task") if int(t) != me]
+    assert len(tids) == 1, tids  # the watchdog is the only other thread
+    for line in open(f"/proc/self/task/{tids[0]}/status"):
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+
+guard_sends(timeout=0.2)
 honest = os.eventfd(0, os.EFD_NONBLOCK)
 assert lib.pvio_evtchn_write(honest) == 0 and os.eventfd_read(honest) == 1
-
-blocked = os.eventfd(0)  # what the peer made of the eventfd we write to:
-os.eventfd_write(blocked, 0xFFFFFFFFFFFFFFFE)  # blocking, counter saturated
+blocked = blocked_eventfd()
 for _ in range(2):  # the guard fires again for the next blocked write
-    t0 = time.monotonic()
-    rc = lib.pvio_evtchn_write(blocked)
-    waited = time.monotonic() - t0
-    assert rc == -errno.ETIMEDOUT, rc
-    assert 0.3 <= waited < 3, waited
+    rc, waited = timed_write(blocked)
+    assert rc == -errno.ETIMEDOUT and 0.2 <= waited < 2, (rc, waited)
 
-# Other threads send meanwhile, and everything else goes on after.
+# in another thread too
 results = []
 t = threading.Thread(target=lambda: results.append(lib.pvio_evtchn_write(blocked)))
 t.start(); t.join(5)
 assert results == [-errno.ETIMEDOUT], results
-t0 = time.monotonic(); time.sleep(0.5)
-assert time.monotonic() - t0 >= 0.5
+
+# Idle, the watchdog parks (no wake-ups); the next send wakes it.
+time.sleep(1.6)
+before = watchdog_switches(); time.sleep(1.0)
+assert watchdog_switches() == before, "the watchdog kept waking while idle"
+rc, waited = timed_write(blocked)
+assert rc == -errno.ETIMEDOUT and waited < 2, (rc, waited)
+
+# Another signal is refused, the same one changes the timeout.
+try:
+    guard_sends(timeout=0.2, signo=signal.SIGRTMAX - 3)
+    raise AssertionError("a second signal was accepted")
+except OSError as exc:
+    assert exc.errno == errno.EBUSY
+guard_sends(timeout=0.5)
+rc, waited = timed_write(blocked)
+assert rc == -errno.ETIMEDOUT and 0.5 <= waited < 3, (rc, waited)
+
+# Everything else goes on; a forked child starts its own guard.
+t0 = time.monotonic(); time.sleep(0.3)
+assert time.monotonic() - t0 >= 0.3
 assert lib.pvio_evtchn_write(honest) == 0 and os.eventfd_read(honest) == 1
+pid = os.fork()
+if pid == 0:
+    guard_sends(timeout=0.2)
+    rc, waited = timed_write(blocked)
+    os._exit(0 if rc == -errno.ETIMEDOUT and waited < 2 else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
 print("ok")
 """
 
@@ -1020,8 +1059,10 @@ def test_the_send_guard_ends_a_write_the_peer_blocked():
     """The race notify's POLLOUT check cannot close: the peer makes its eventfd
     blocking and saturates it between our poll and our write. The guarded write
     (pvio_evtchn_write, the second half of every send) gives up after the guard's
-    timeout with -ETIMEDOUT, in any thread, as often as it happens, and the
-    process goes on (its own process: the guard is per process)."""
+    timeout with -ETIMEDOUT, in any thread, as often as it happens; the watchdog
+    parks when idle and wakes for the next send; a second signal is refused; a
+    forked child can start its own guard; the process goes on (its own process:
+    the guard is per process)."""
     out = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -1038,3 +1079,24 @@ def test_a_blocked_send_raises_event_channel_blocked_error(bound, monkeypatch):
             call()
         assert isinstance(info.value, RemoteProtocolError)
         assert "blocking" in str(info.value)
+
+
+def test_a_bind_whose_pending_event_the_peer_blocks_frees_the_port_and_its_fds(
+        pair, monkeypatch):
+    """bind_interdomain raises the new port on an eventfd the peer handed over;
+    if the peer blocked that send, the port and the two fds it took must not
+    stay behind (ringdev turns the error into a refused connect)."""
+    from pvio.ring import EventChannelBlockedError
+
+    def blocked(self) -> None:
+        raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+    monkeypatch.setattr(EventChannel, "set_pending", blocked)
+    fds = tuple(os.dup(fd) for fd in pair.unbound.peer_fds())
+    with pytest.raises(EventChannelBlockedError):
+        pair.dom1.bind_interdomain(0, pair.unbound.port, fds)
+    for fd in fds:
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+    assert pair.dom1.status(1) == EvtchnStatus.closed
