@@ -472,11 +472,11 @@ static void *guard_watch(void *arg)
             if (!since)
                 continue;
             busy = 1;
-            if (now - since <= (uint64_t)timeout)
-                continue;
+            if (since >= now || now - since <= (uint64_t)timeout)
+                continue;  /* (a write that began after our clock read) */
             pthread_mutex_lock(&slot->lock);
             since = atomic_load(&slot->since);
-            if (since && atomic_load(&slot->used) && !slot->signalled &&
+            if (since && since < now && atomic_load(&slot->used) && !slot->signalled &&
                 now - since > (uint64_t)timeout) {
                 slot->signalled = 1;
                 pthread_kill(slot->thread, atomic_load(&guard_signo));
