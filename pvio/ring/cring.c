@@ -402,6 +402,7 @@ static _Atomic int guard_signo;  /* 0: the guard is off */
 static _Atomic int64_t guard_timeout_ns;
 static _Atomic uint64_t guard_sends;   /* sends begun: the watchdog's sign of life */
 static _Atomic int guard_parked;
+static _Atomic uint64_t guard_fired;   /* signals sent: writes the guard ended */
 static _Atomic uint32_t guard_bell;    /* futex word the parked watchdog sleeps on */
 static int guard_started;
 static pthread_key_t guard_key;
@@ -479,6 +480,7 @@ static void *guard_watch(void *arg)
             if (since && since < now && atomic_load(&slot->used) && !slot->signalled &&
                 now - since > (uint64_t)timeout) {
                 slot->signalled = 1;
+                atomic_fetch_add(&guard_fired, 1);
                 pthread_kill(slot->thread, atomic_load(&guard_signo));
             }
             pthread_mutex_unlock(&slot->lock);
@@ -551,6 +553,12 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
     }
     pthread_mutex_unlock(&guard_lock);
     return rc;
+}
+
+/* How many writes the watchdog has signalled since the process started. */
+uint64_t pvio_send_guard_fired(void)
+{
+    return atomic_load(&guard_fired);
 }
 
 /* A signal the watchdog sent for a write that then completed: take it now,
