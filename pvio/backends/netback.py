@@ -29,6 +29,7 @@ import logging
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate, islice, repeat
 from operator import itemgetter
 
@@ -291,7 +292,7 @@ class NetBackend(RingBackendDriver):
                            BackRing.attach(NETIF_RX, qc.mappings[1].buf),
                            self.port.rx_queues[q], (qc.channel, qc.rx_channel))
             self._queues.append(queue)
-            self.port.wake[q] = qc.rx_channel.set_pending
+            self.port.wake[q] = partial(self._wake_rx, queue)
         self.switch.attach_port(self.port)
         for queue in self._queues:
             tx_ch, rx_ch = queue.channels
@@ -380,6 +381,14 @@ class NetBackend(RingBackendDriver):
             if queue.frames:
                 queue.channels[1].set_pending()
         except (RemoteProtocolError, NetifFatal) as exc:  # a bad ring, a blocked send
+            self._broken(queue, exc)
+
+    def _wake_rx(self, queue: _Queue) -> None:
+        """Frames for an empty queue, forwarded outside a batch: wake its task.
+        Raised by whoever forwarded, so a blocked send is handled here."""
+        try:
+            queue.channels[1].set_pending()
+        except RemoteProtocolError as exc:
             self._broken(queue, exc)
 
     def _broken(self, queue: _Queue, exc: Exception) -> None:

@@ -436,6 +436,32 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemo
         await pair.progress(5)
 
 
+async def test_a_blocked_wake_up_outside_a_batch_disconnects_the_vif_not_the_sender(
+        daemon, pair):
+    """A frame forwarded outside a switch batch (switch.forward, as the demo and
+    host-side helpers do) wakes the vif's RX task with set_pending, on the
+    guest's eventfd, in the forwarder's call: a blocked send there must end at
+    the vif, not raise into whoever forwarded."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        raw, device = await attach_raw(s, features={"feature-sg": "1"})
+        evil = Evil(daemon, s, raw, device)
+        await evil.still_delivers(pair)
+        queue = evil.backend.driver.conn.queues[0]
+
+        def blocked() -> None:
+            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+        queue.rx_channel.set_pending = blocked
+        host = daemon.switch.add_port("host-test")
+        try:
+            daemon.switch.forward(host, eth(raw.mac, "02:00:00:00:00:99", b"to-evil" + bytes(80)))
+            await evil.closed()
+            assert "waited" in evil.backend.status.last_error
+        finally:
+            daemon.switch.remove_port(host)
+        await pair.progress(5)
+
+
 @pytest.mark.parametrize(("ring", "delta"), [("tx", 257), ("tx", -1), ("tx", 1 << 31),
                                              ("rx", 1000)])
 async def test_impossible_req_prod_disconnects_the_vif(daemon, pair, ring, delta):
