@@ -53,8 +53,8 @@ def _oserror(rc: int) -> OSError:
 def _send_error(rc: int, fd: int) -> Exception:
     if rc == _ETIMEDOUT:
         return EventChannelBlockedError(
-            f"a send to eventfd {fd} waited longer than the send guard allows: the peer "
-            "made the eventfd blocking and saturated its counter")
+            f"a send to eventfd {fd} waited and was interrupted: the peer made the eventfd "
+            "blocking and saturated its counter")
     return _oserror(rc)
 
 
@@ -79,8 +79,9 @@ def guard_sends(timeout: float = 0.1, signo: int = GUARD_SIGNAL) -> None:
     as a write completed is taken by that send, never by a later call. The
     watchdog scans twice per ``timeout`` while sends happen and sleeps after a
     second without any. Calling again changes the timeout; another ``signo``
-    raises ``OSError(EBUSY)``. ``pvio serve`` starts the guard; processes that
-    embed a frontend may."""
+    raises ``OSError(EBUSY)``. ``pvio serve`` starts the guard. The backends
+    turn the error into a disconnect of that device; the frontends do not
+    handle it yet, so a process that embeds one should not start the guard."""
     rc = lib.pvio_send_guard_start(int(signo), int(timeout * 1e9))
     if rc:
         raise _oserror(rc)
@@ -120,6 +121,7 @@ class EventChannel:
         self._idle_wakes = 0  # consecutive wake-ups without work
         self._idle_progress: object = None  # the waiting end's progress at the last one
         self._raised = False  # set_pending raised our own port since the last wake-up
+        self._table: EventChannelTable | None = None  # frees our port when we close
         self._closed = False
         # Set by a ring sleep whose wake-up left the event unread (cring.c,
         # pvio_ring_sleep): anything that reads the eventfd clears it.
@@ -250,10 +252,13 @@ class EventChannel:
         return self.local_fd
 
     def close(self) -> None:
+        """``EVTCHNOP_close``: close the eventfds and free the port in its table."""
         if not self._closed:
             self._closed = True
             os.close(self.local_fd)
             os.close(self.remote_fd)
+            if self._table is not None:
+                self._table._forget(self)
 
     def __repr__(self) -> str:
         return (
@@ -313,6 +318,7 @@ class EventChannelTable:
                 port, local, peer_local, remote_domid=remote_domid, remote_port=0
             )
             self._ports[port] = unbound.channel
+            unbound.channel._table = self
             return unbound
 
     def bind_interdomain(self, remote_domid: int, remote_port: int,
@@ -329,6 +335,7 @@ class EventChannelTable:
                 port, local_fd, remote_fd, remote_domid=remote_domid, remote_port=remote_port
             )
             self._ports[port] = channel
+            channel._table = self
         try:
             channel.set_pending()
         except BaseException:  # e.g. the peer blocked it (EventChannelBlockedError)
@@ -354,6 +361,11 @@ class EventChannelTable:
     def close_all(self) -> None:
         for port in list(self._ports):
             self.close(port)
+
+    def _forget(self, channel: EventChannel) -> None:
+        with self._lock:
+            if self._ports.get(channel.port) is channel:
+                del self._ports[channel.port]
 
 
 class BusyPoll:

@@ -1111,3 +1111,23 @@ def test_a_bind_whose_pending_event_the_peer_blocks_frees_the_port_and_its_fds(
             os.fstat(fd)
         assert info.value.errno == errno.EBADF
     assert pair.dom1.status(1) == EvtchnStatus.closed
+
+
+def test_regression_closing_a_channel_frees_its_port():
+    """EventChannel.close closed the eventfds but left the port in its table: a
+    backend whose frontend reconnected ~4095 times ran out of ports (every
+    disconnect closes its channels that way), and alloc then raised
+    LocalProtocolError in the device's connect."""
+    dom0, dom1 = EventChannelTable(domid=0), EventChannelTable(domid=1)
+    try:
+        for _ in range(5):
+            unbound = dom0.alloc_unbound(remote_domid=1)
+            bound = dom1.bind_interdomain(
+                0, unbound.port, tuple(os.dup(fd) for fd in unbound.peer_fds()))
+            assert (unbound.port, bound.port) == (1, 1)  # the lowest free port, again
+            bound.close()
+            unbound.channel.close()
+            assert dom1.status(1) == dom0.status(1) == EvtchnStatus.closed
+    finally:
+        dom0.close_all()
+        dom1.close_all()
