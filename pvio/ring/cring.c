@@ -405,6 +405,7 @@ static _Atomic int guard_parked;
 static _Atomic uint64_t guard_fired;   /* signals sent: writes the guard ended */
 static _Atomic uint32_t guard_bell;    /* futex word the parked watchdog sleeps on */
 static int guard_started;
+static int guard_key_made;
 static pthread_key_t guard_key;
 static __thread struct pvio_guard_slot *guard_mine;
 static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -428,6 +429,8 @@ static void guard_after_fork(void)
     atomic_store(&guard_parked, 0);
     guard_started = 0;
     guard_mine = NULL;
+    if (guard_key_made)  /* or this thread's exit would free a slot another owns */
+        pthread_setspecific(guard_key, NULL);
     pthread_mutex_init(&guard_lock, NULL);
     for (int i = 0; i < PVIO_GUARD_SLOTS; i++) {
         pthread_mutex_init(&guard_slots[i].lock, NULL);
@@ -515,7 +518,6 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
     if (guard_started && signo != atomic_load(&guard_signo)) {
         rc = -EBUSY;
     } else if (!guard_started) {
-        static int key_made;
         struct sigaction sa;
         sigset_t all, old;
         pthread_t watcher;
@@ -525,8 +527,8 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
         sigemptyset(&sa.sa_mask);
         if (sigaction(signo, &sa, NULL))
             rc = -errno;
-        else if (!key_made && (rc = -pthread_key_create(&guard_key, guard_release)) == 0)
-            key_made = 1;
+        else if (!guard_key_made && (rc = -pthread_key_create(&guard_key, guard_release)) == 0)
+            guard_key_made = 1;
         if (!rc) {
             static int atfork_set;
             if (!atfork_set && (rc = -pthread_atfork(NULL, NULL, guard_after_fork)) == 0)
