@@ -61,6 +61,7 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
         self._send_conflict = _OneAtATime("another task is already sending")
         self._recv_conflict = _OneAtATime("another task is already receiving")
         self.throttled = 0  # wake-ups delayed by the rate limit
+        self._recv_error: trio.BrokenResourceError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -171,13 +172,18 @@ class ConsoleStream(trio.abc.HalfCloseableStream):
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("console stream is closed")
+                if self._recv_error is not None:
+                    raise self._recv_error
                 changed = self._changed
                 try:
                     n = self.rx.readinto(buf)
                 except RingBrokenError as exc:
                     raise self._broken(exc) from exc
                 if n:
-                    self._notify()  # room for the writer
+                    try:
+                        self._notify()  # room for the writer
+                    except trio.BrokenResourceError as exc:
+                        self._recv_error = exc  # for the next call: these bytes are taken
                     self.bytes_in += n
                     # The bytes are consumed: no cancellation may lose them now.
                     await trio.lowlevel.cancel_shielded_checkpoint()

@@ -601,6 +601,27 @@ async def test_a_peer_moving_no_data_still_runs_out_of_wake_ups(attack):
             table.close_all()
 
 
+async def test_regression_bytes_taken_before_a_blocked_notify_are_still_returned():
+    """receive_some takes the bytes, then notifies the writer; when that notify
+    failed (the peer blocked it: EventChannelBlockedError) the bytes were lost,
+    e.g. a hostile guest's last output never reached the console log. They are
+    returned; the next call raises."""
+    from pvio.ring import EventChannelBlockedError
+
+    async with stream_pair() as (guest, back, _):
+        def blocked() -> None:
+            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+        back.channel.notify = blocked
+        await guest.send_all(b"last words")
+        got = b""
+        while len(got) < 10:
+            got += await back.receive_some()
+        assert got == b"last words"
+        with pytest.raises(trio.BrokenResourceError):
+            await back.receive_some()
+
+
 async def test_back_to_back_echo_of_small_messages_is_not_throttled():
     """An interactive peer (a REPL driven by a program, pexpect) exchanges small
     messages back to back; each round trip costs each pump about one wake-up
