@@ -378,14 +378,16 @@ class NetBackend(RingBackendDriver):
         queue = self._queues[q]
         try:
             self._rx(queue, self.domain.mapper())
-            if queue.frames:
-                queue.channels[1].set_pending()
         except (RemoteProtocolError, NetifFatal) as exc:  # a bad ring, a blocked send
             self._broken(queue, exc)
+            return
+        if queue.frames:
+            self._wake_rx(queue)
 
     def _wake_rx(self, queue: _Queue) -> None:
-        """Frames for an empty queue, forwarded outside a batch: wake its task.
-        Raised by whoever forwarded, so a blocked send is handled here."""
+        """Wake the queue's RX task (frames wait for RX buffers, or came outside
+        a switch batch). Called in another vif's task or whoever forwarded, so
+        a send the guest blocked is handled here."""
         try:
             queue.channels[1].set_pending()
         except RemoteProtocolError as exc:
