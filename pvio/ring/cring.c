@@ -404,7 +404,6 @@ static _Atomic uint64_t guard_sends;   /* sends begun: the watchdog's sign of li
 static _Atomic int guard_parked;
 static _Atomic uint64_t guard_fired;   /* signals sent: writes the guard ended */
 static _Atomic uint32_t guard_bell;    /* futex word the parked watchdog sleeps on */
-static int guard_started;
 static int guard_key_made;
 static pthread_key_t guard_key;
 static __thread struct pvio_guard_slot *guard_mine;
@@ -427,7 +426,6 @@ static void guard_after_fork(void)
 {
     atomic_store(&guard_signo, 0);
     atomic_store(&guard_parked, 0);
-    guard_started = 0;
     guard_mine = NULL;
     if (guard_key_made)  /* or this thread's exit would free a slot another owns */
         pthread_setspecific(guard_key, NULL);
@@ -459,6 +457,13 @@ static struct pvio_guard_slot *guard_slot(void)
     return guard_mine;  /* NULL if more than PVIO_GUARD_SLOTS threads send: unguarded */
 }
 
+/* A write that began before our clock read and has waited longer than the
+ * timeout (one that began after it looks 2^64 ns old in u64). */
+static int guard_overdue(uint64_t since, uint64_t now, int64_t timeout)
+{
+    return since && since < now && now - since > (uint64_t)timeout;
+}
+
 static void *guard_watch(void *arg)
 {
     uint64_t seen = atomic_load(&guard_sends), quiet_since = now_ns();
@@ -476,12 +481,10 @@ static void *guard_watch(void *arg)
             if (!since)
                 continue;
             busy = 1;
-            if (since >= now || now - since <= (uint64_t)timeout)
-                continue;  /* (a write that began after our clock read) */
-            pthread_mutex_lock(&slot->lock);
-            since = atomic_load(&slot->since);
-            if (since && since < now && atomic_load(&slot->used) && !slot->signalled &&
-                now - since > (uint64_t)timeout) {
+            if (!guard_overdue(since, now, timeout))
+                continue;
+            pthread_mutex_lock(&slot->lock);  /* the writer clears since under it */
+            if (guard_overdue(atomic_load(&slot->since), now, timeout) && !slot->signalled) {
                 slot->signalled = 1;
                 atomic_fetch_add(&guard_fired, 1);
                 pthread_kill(slot->thread, atomic_load(&guard_signo));
@@ -515,9 +518,9 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
     if (timeout_ns < 1000000 || signo <= 0 || signo >= NSIG)
         return -EINVAL;
     pthread_mutex_lock(&guard_lock);
-    if (guard_started && signo != atomic_load(&guard_signo)) {
+    if (atomic_load(&guard_signo) && signo != atomic_load(&guard_signo)) {
         rc = -EBUSY;
-    } else if (!guard_started) {
+    } else if (!atomic_load(&guard_signo)) {
         struct sigaction sa;
         sigset_t all, old;
         pthread_t watcher;
@@ -546,10 +549,8 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
             pthread_attr_destroy(&attr);
             pthread_sigmask(SIG_SETMASK, &old, NULL);
         }
-        if (!rc) {
-            guard_started = 1;
-            atomic_store(&guard_signo, signo);
-        }
+        if (!rc)
+            atomic_store(&guard_signo, signo);  /* started */
     } else {
         atomic_store(&guard_timeout_ns, timeout_ns);
     }
