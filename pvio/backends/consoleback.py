@@ -121,8 +121,7 @@ class ConsoleBackend(RingBackendDriver):
             reason = "; ".join(str(exc) for exc in group.exceptions)
             peer_log.warning(f"console:{self.domain.domid}", "console of dom%d: %s; "
                              "disconnecting it", self.domain.domid, reason)
-            if self.on_failure is not None:
-                self.nursery.start_soon(self.on_failure, reason)
+            self.peer_failed(reason)
         finally:
             self._stopped.set()
 

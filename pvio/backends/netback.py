@@ -397,8 +397,7 @@ class NetBackend(RingBackendDriver):
         self.stats.last_error = str(exc)
         peer_log.warning(f"ring:{self.domain.domid}", "%s queue %d: %s; disconnecting the vif",
                          self.port_name, queue.index, exc)
-        if self.on_failure is not None:
-            self.nursery.start_soon(self.on_failure, str(exc))
+        self.peer_failed(str(exc))
 
     def _refuse(self, reason: str) -> None:
         self.stats.tx_errors += 1

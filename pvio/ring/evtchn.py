@@ -108,7 +108,7 @@ class EventChannel:
     wake_ahead = True
 
     def __init__(self, port: int, local_fd: int, remote_fd: int, *, remote_domid: int,
-                 remote_port: int) -> None:
+                 remote_port: int, table: EventChannelTable | None = None) -> None:
         self.port = port
         self.local_fd = local_fd
         self.remote_fd = remote_fd
@@ -121,7 +121,7 @@ class EventChannel:
         self._idle_wakes = 0  # consecutive wake-ups without work
         self._idle_progress: object = None  # the waiting end's progress at the last one
         self._raised = False  # set_pending raised our own port since the last wake-up
-        self._table: EventChannelTable | None = None  # frees our port when we close
+        self._table = table  # frees our port when we close
         self._closed = False
         # Set by a ring sleep whose wake-up left the event unread (cring.c,
         # pvio_ring_sleep): anything that reads the eventfd clears it.
@@ -315,10 +315,9 @@ class EventChannelTable:
             local, peer_local = _new_eventfd(), _new_eventfd()
             unbound = UnboundPort(port, remote_domid, local, peer_local)
             unbound.channel = EventChannel(
-                port, local, peer_local, remote_domid=remote_domid, remote_port=0
+                port, local, peer_local, remote_domid=remote_domid, remote_port=0, table=self
             )
             self._ports[port] = unbound.channel
-            unbound.channel._table = self
             return unbound
 
     def bind_interdomain(self, remote_domid: int, remote_port: int,
@@ -332,10 +331,10 @@ class EventChannelTable:
         with self._lock:
             port = self._alloc_port()
             channel = EventChannel(
-                port, local_fd, remote_fd, remote_domid=remote_domid, remote_port=remote_port
+                port, local_fd, remote_fd, remote_domid=remote_domid, remote_port=remote_port,
+                table=self,
             )
             self._ports[port] = channel
-            channel._table = self
         try:
             channel.set_pending()
         except BaseException:  # e.g. the peer blocked it (EventChannelBlockedError)

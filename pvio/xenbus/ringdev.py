@@ -142,6 +142,12 @@ class RingBackendDriver:
         self.nursery = None
         self.on_failure = None
 
+    def peer_failed(self, reason: str) -> None:
+        """The peer broke this device: have the device framework disconnect it
+        (in a new task: the caller is usually a service the disconnect stops)."""
+        if self.on_failure is not None:
+            self.nursery.start_soon(self.on_failure, reason)
+
     def features(self) -> dict[str, str]:
         feats = {}
         if any(a.multi_page for a in self.layout.areas):
