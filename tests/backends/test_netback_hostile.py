@@ -406,6 +406,20 @@ async def test_chain_running_past_req_prod_disconnects_only_that_vif(daemon, pai
         assert backend_device(daemon, "evil", 1).status.state == S.Connected
 
 
+def _blocked_send() -> None:
+    """What the send guard makes of a send the guest blocked (its eventfd made
+    blocking and saturated between our poll and our write)."""
+    raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
+
+
+async def _working_evil_vif(daemon, session, pair):
+    """A raw vif that has delivered a good packet: (raw, Evil, its backend queue 0)."""
+    raw, device = await attach_raw(session, features={"feature-sg": "1"})
+    evil = Evil(daemon, session, raw, device)
+    await evil.still_delivers(pair)
+    return raw, evil, evil.backend.driver.conn.queues[0]
+
+
 @pytest.mark.parametrize("ring", ["tx", "rx"])
 async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemon, pair, ring):
     """A notification the guest blocked (its eventfd made blocking and saturated
@@ -413,16 +427,9 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemo
     raised while another vif's frames are delivered, in that vif's task: the
     sender must keep working and only the blocking vif be disconnected."""
     async with open_session(daemon.config.socket, "evil") as s:
-        raw, device = await attach_raw(s, features={"feature-sg": "1"})
-        evil = Evil(daemon, s, raw, device)
-        await evil.still_delivers(pair)
-        queue = evil.backend.driver.conn.queues[0]
-
-        def blocked() -> None:
-            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-
+        raw, evil, queue = await _working_evil_vif(daemon, s, pair)
         for channel in {queue.channel, queue.rx_channel}:
-            channel.notify = blocked
+            channel.notify = _blocked_send
         if ring == "tx":
             raw.tx[0].arm()  # the guest waits for the answer: the backend notifies
             slots, _ = evil.good_slots(pair.b.mac)
@@ -443,15 +450,8 @@ async def test_a_blocked_wake_up_outside_a_batch_disconnects_the_vif_not_the_sen
     guest's eventfd, in the forwarder's call: a blocked send there must end at
     the vif, not raise into whoever forwarded."""
     async with open_session(daemon.config.socket, "evil") as s:
-        raw, device = await attach_raw(s, features={"feature-sg": "1"})
-        evil = Evil(daemon, s, raw, device)
-        await evil.still_delivers(pair)
-        queue = evil.backend.driver.conn.queues[0]
-
-        def blocked() -> None:
-            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-
-        queue.rx_channel.set_pending = blocked
+        raw, evil, queue = await _working_evil_vif(daemon, s, pair)
+        queue.rx_channel.set_pending = _blocked_send
         host = daemon.switch.add_port("host-test")
         try:
             daemon.switch.forward(host, eth(raw.mac, "02:00:00:00:00:99", b"to-evil" + bytes(80)))
