@@ -67,6 +67,7 @@ from tests.console_helpers import (
     set_u32,
     stream_pair,
 )
+from tests.evtchn_helpers import blocked_send
 from tests.pvio_daemon import clean_env, serving
 
 MIB = 1 << 20
@@ -606,13 +607,8 @@ async def test_regression_bytes_taken_before_a_blocked_notify_are_still_returned
     failed (the peer blocked it: EventChannelBlockedError) the bytes were lost,
     e.g. a hostile guest's last output never reached the console log. They are
     returned; the next call raises."""
-    from pvio.ring import EventChannelBlockedError
-
     async with stream_pair() as (guest, back, _):
-        def blocked() -> None:
-            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-
-        back.channel.notify = blocked
+        back.channel.notify = blocked_send
         await guest.send_all(b"last words")
         got = b""
         while len(got) < 10:

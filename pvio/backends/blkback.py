@@ -229,22 +229,24 @@ class BlkBackend(RingBackendDriver):
                     continue
                 if not self.inline_io:  # may be switched off while serving
                     fast.disable()
-                src = ffi.from_buffer(batch)
-                i = 0
-                while i < n:
-                    i, why = fast.serve(src, i, n, dst)
-                    if i == n:
-                        break
-                    # The fast path stopped at request i: the reference path
-                    # answers it (and, when I/O would block, the rest of the
-                    # batch too, in one worker thread), then the fast path resumes.
-                    stop = i + 1 if why == NOT_FAST else n
-                    reqs = [parse_request(batch[k * blkif.REQ_SIZE:(k + 1) * blkif.REQ_SIZE],
-                                          feats) for k in range(i, stop)]
-                    for k, result in enumerate(await self._execute(reqs, mapper, pool, feats),
-                                               start=i):
-                        blkif.RSP.pack_into(out, k * blkif.RSP_SIZE, *result)
-                    i = stop
+                # Released after the batch: a pointer into a memoryview must not
+                # outlive it in a frame a traceback may keep (gh-77894, see pin_buffer).
+                with ffi.from_buffer(batch) as src:
+                    i = 0
+                    while i < n:
+                        i, why = fast.serve(src, i, n, dst)
+                        if i == n:
+                            break
+                        # The fast path stopped at request i: the reference path
+                        # answers it (and, when I/O would block, the rest of the
+                        # batch too, in one worker thread), then the fast path resumes.
+                        stop = i + 1 if why == NOT_FAST else n
+                        reqs = [parse_request(batch[k * blkif.REQ_SIZE:(k + 1) * blkif.REQ_SIZE],
+                                              feats) for k in range(i, stop)]
+                        for k, result in enumerate(await self._execute(reqs, mapper, pool, feats),
+                                                   start=i):
+                            blkif.RSP.pack_into(out, k * blkif.RSP_SIZE, *result)
+                        i = stop
                 _, notify = ring.produce(memoryview(out)[:n * blkif.RSP_SIZE])
                 if notify:
                     try:

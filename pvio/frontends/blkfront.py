@@ -32,7 +32,14 @@ from pvio.layouts import (
     BlkifOp,
     BlkifRsp,
 )
-from pvio.ring import BLKIF, BusyPoll, FrontRing, RingBrokenError, wait_for_work
+from pvio.ring import (
+    BLKIF,
+    BusyPoll,
+    EventChannelBlockedError,
+    FrontRing,
+    RingBrokenError,
+    wait_for_work,
+)
 from pvio.xenbus.ringdev import VBD, RingFrontendDriver
 
 log = logging.getLogger("pvio.blkfront")
@@ -285,7 +292,7 @@ class BlkFront(RingFrontendDriver):
             put, notify = ring.produce(b"".join(s.request for s in mine))
             assert put == len(mine)
             if notify:
-                self.queues[q].channel.notify()
+                self._notify(q)
         if pending:
             self.stats["resubmitted"] += len(pending)
             log.info("vbd: resubmitted %d request(s) after reconnecting", len(pending))
@@ -338,6 +345,17 @@ class BlkFront(RingFrontendDriver):
         for slot in self._slots:
             if slot.op >= 0:
                 self._answer(slot, BlkifRsp.ERROR, reason)
+
+    def _notify(self, q: int) -> None:
+        """Raise queue ``q``'s event channel. A send the backend blocked (its
+        eventfd made blocking and saturated; :class:`EventChannelBlockedError`
+        under :func:`pvio.ring.guard_sends`) breaks the protocol like a broken
+        ring: the device is disabled and its callers get BlkDeviceError."""
+        try:
+            self.queues[q].channel.notify()
+        except EventChannelBlockedError as exc:
+            log.error("vbd: %s; device disabled", exc)
+            self.fail(str(exc))
 
     def fail(self, reason: str) -> None:
         """Disable the device: pending and later calls get BlkDeviceError(reason)."""
@@ -474,7 +492,7 @@ class BlkFront(RingFrontendDriver):
                           if reqs and self.rings[q].produce(b"".join(reqs))[1]]
                 unsubmitted = []  # on the ring: only their answers free them now
                 for q in notify:
-                    self.queues[q].channel.notify()
+                    self._notify(q)
                     self.stats["notifications"] += 1
             await waiter.event.wait()
             self.stats["requests"] += len(slots)

@@ -56,8 +56,15 @@ from pvio.netif import (
     RxProtocolError,
     RxScratch,
 )
-from pvio.ring import NETIF_RX, NETIF_TX, FrontRing, RingBrokenError, wait_for_work
-from pvio.ring._lib import ffi, lib
+from pvio.ring import (
+    NETIF_RX,
+    NETIF_TX,
+    EventChannelBlockedError,
+    FrontRing,
+    RingBrokenError,
+    wait_for_work,
+)
+from pvio.ring._lib import ffi, lib, pin_buffer
 from pvio.xenbus.ringdev import DOM0, VIF, RingFrontendDriver
 
 log = logging.getLogger("pvio.netfront")
@@ -70,6 +77,9 @@ NET_KEYS = ("mac", "feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feat
 class NetDeviceError(OSError):
     """The device is unusable: the backend broke the protocol, or it is gone."""
 
+
+#: What a backend that breaks the protocol makes the ring code raise.
+_BACKEND_FAULTS = (RingBrokenError, RxProtocolError, EventChannelBlockedError, NetDeviceError)
 
 _first = itemgetter(0)
 _second = itemgetter(1)
@@ -97,7 +107,7 @@ class _TxState:
         self._free = ffi.new("uint16_t[]", nr)
         self._flight = ffi.new("uint8_t[]", nr)
         self._refs = ffi.new("uint32_t[]", refs)
-        self._pages = ffi.from_buffer("uint8_t[]", pages, require_writable=True)
+        self._pages, _, self._pages_keep = pin_buffer(pages)
         self.c = ffi.new("pvio_netfront_tx *")
         lib.pvio_netfront_tx_init(self.c, nr, self._free, self._flight, self._pages, self._refs)
         self.req = bytearray(TX_REQ.size * nr)
@@ -117,7 +127,7 @@ class _TxState:
         return memoryview(self.slow)
 
     def release(self) -> None:
-        ffi.release(self._pages)
+        ffi.release(self._pages_keep)
 
     @property
     def free(self) -> int:
@@ -141,6 +151,7 @@ class _Queue:
     txc: _TxState
     rxs: RxScratch
     rx_pages_ptr: object  # the RX pages, contiguous (page j for ring slot j % nr_ents)
+    rx_pages_keep: object  # what keeps rx_pages_ptr valid (pin_buffer)
     rx_refs_c: object
     backlog: deque = field(default_factory=deque)
     idle: bool = False  # the queue's task sleeps: a new frame must wake it
@@ -251,11 +262,10 @@ class NetFront(RingFrontendDriver):
             rx = FrontRing.init(NETIF_RX, self.area(1, q))
             tx_pages, tx_refs, tx_whole = self._grant_pages(tx.nr_ents, readonly=True)
             rx_pages, rx_refs, rx_whole = self._grant_pages(rx.nr_ents, readonly=False)
+            rx_ptr, _, rx_keep = pin_buffer(rx_whole)
             queue = _Queue(q, tx, rx, tx_pages, tx_refs, rx_pages, rx_refs,
                            (fq.channel, fq.rx_channel), _TxState(tx.nr_ents, tx_whole, tx_refs),
-                           RxScratch(rx.nr_ents),
-                           ffi.from_buffer("uint8_t[]", rx_whole, require_writable=True),
-                           ffi.new("uint32_t[]", rx_refs))
+                           RxScratch(rx.nr_ents), rx_ptr, rx_keep, ffi.new("uint32_t[]", rx_refs))
             self._wholes.extend((tx_whole, rx_whole))
             # Every RX slot holds a request for its own page: slot j <-> page j % N.
             posts = bytearray(rx.nr_ents * RX_REQ.size)
@@ -281,7 +291,8 @@ class NetFront(RingFrontendDriver):
                 self._scopes.append(scope)
                 self.session._nursery.start_soon(self._serve, scope, queue, channel,
                                                  _Work(self, queue, tx, rx))
-            rx_ch.notify()  # the backend may have missed the first RX posts
+            self._send_event(rx_ch.notify)  # the backend may have missed the first RX posts
+        self._check()
 
     async def detach(self) -> None:
         for scope in self._scopes:
@@ -295,7 +306,7 @@ class NetFront(RingFrontendDriver):
             queue.tx.release()
             queue.rx.release()
             queue.txc.release()
-            ffi.release(queue.rx_pages_ptr)
+            ffi.release(queue.rx_pages_keep)
             for view in queue.tx_pages + queue.rx_pages:
                 view.release()
         for view in self._wholes:
@@ -375,9 +386,8 @@ class NetFront(RingFrontendDriver):
             try:
                 self._tx_responses(queue)
                 self._tx_send(queue)
-            except (RingBrokenError, NetDeviceError) as exc:
-                self._fail(exc if isinstance(exc, NetDeviceError)
-                           else NetDeviceError(f"backend broke the protocol: {exc}"))
+            except _BACKEND_FAULTS as exc:
+                self._broke(exc)
                 return
         if queue.backlog:
             self._wake_tx(queue)
@@ -409,6 +419,7 @@ class NetFront(RingFrontendDriver):
         why = txc.why[0]
         if sent:
             self._publish_tx(queue, sent, txc.nreq[0], txc.nbytes[0])
+            self._check()
         if why == lib.PVIO_VNET_ERROR:
             err = txc.slow_len[0]
             raise OSError(err, os.strerror(err))
@@ -429,11 +440,10 @@ class NetFront(RingFrontendDriver):
             queue.want_room -= 1
         self._check()
 
-    @staticmethod
-    def _wake_tx(queue: _Queue) -> None:
+    def _wake_tx(self, queue: _Queue) -> None:
         if queue.idle:
             queue.idle = False
-            queue.channels[0].set_pending()
+            self._send_event(queue.channels[0].set_pending)
 
     async def receive(self) -> Frame:
         """The next received frame (waits for one)."""
@@ -453,7 +463,7 @@ class NetFront(RingFrontendDriver):
         if self._rx_full and len(frames) < self.rx_backlog // 2:
             self._rx_full = False
             for queue in self._q:
-                queue.channels[1].set_pending()
+                self._send_event(queue.channels[1].set_pending)
         return out
 
     def __aiter__(self):
@@ -466,6 +476,21 @@ class NetFront(RingFrontendDriver):
             raise StopAsyncIteration from None
 
     # ------------------------------------------------------------ service
+
+    def _send_event(self, send) -> None:
+        """``send()``: a channel's ``notify`` or ``set_pending``. A send the
+        backend blocked (its eventfd made blocking and saturated;
+        :class:`EventChannelBlockedError` under :func:`pvio.ring.guard_sends`)
+        breaks the device like a broken ring; callers check it afterwards."""
+        try:
+            send()
+        except EventChannelBlockedError as exc:
+            self._broke(exc)
+
+    def _broke(self, exc: Exception) -> None:
+        """The backend broke the protocol (one of ``_BACKEND_FAULTS``)."""
+        self._fail(exc if isinstance(exc, NetDeviceError)
+                   else NetDeviceError(f"backend broke the protocol: {exc}"))
 
     def _fail(self, exc: NetDeviceError, quiet: bool = False) -> None:
         if self._error is None:
@@ -486,9 +511,8 @@ class NetFront(RingFrontendDriver):
                         done += self._tx_responses(queue) + self._tx_send(queue)
                     if work.rx:
                         done += self._rx(queue)
-                except (RingBrokenError, RxProtocolError, NetDeviceError) as exc:
-                    self._fail(exc if isinstance(exc, NetDeviceError)
-                               else NetDeviceError(f"backend broke the protocol: {exc}"))
+                except _BACKEND_FAULTS as exc:
+                    self._broke(exc)
                     return
                 if done:
                     await trio.lowlevel.checkpoint()
@@ -574,7 +598,7 @@ class NetFront(RingFrontendDriver):
         self.stats.tx_bytes += nbytes
         _, notify = queue.tx.produce(queue.txc.req_v[:nreq * TX_REQ.size])
         if notify:
-            queue.channels[0].notify()
+            self._send_event(queue.channels[0].notify)
         queue.space.unpark_all()
 
     def _rx(self, queue: _Queue) -> int:
@@ -602,7 +626,7 @@ class NetFront(RingFrontendDriver):
                                        sc.p_posts)
             ring.put_requests(memoryview(sc.posts)[:used * RX_REQ.size])
             if ring.push_requests():
-                queue.channels[1].notify()
+                self._send_event(queue.channels[1].notify)
         if len(self._rx_frames) >= self.rx_backlog:
             self._rx_full = True
         return npk

@@ -75,13 +75,15 @@ def guard_sends(timeout: float = 0.1, signo: int = GUARD_SIGNAL) -> None:
     a :class:`RemoteProtocolError`, and the service disconnects that peer.
 
     An honest send never waits, and an eventfd write that does not wait cannot
-    be interrupted, so a short timeout has no false alarms; a signal sent just
+    be interrupted (nor is it signalled: only a late write whose thread sleeps
+    is), so a short timeout has no false alarms; a signal sent just
     as a write completed is taken by that send, never by a later call. The
     watchdog scans twice per ``timeout`` while sends happen and sleeps after a
     second without any. Calling again changes the timeout; another ``signo``
     raises ``OSError(EBUSY)``. ``pvio serve`` starts the guard. The backends
-    turn the error into a disconnect of that device; the frontends do not
-    handle it yet, so a process that embeds one should not start the guard."""
+    turn the error into a disconnect of that device, blkfront and netfront
+    disable the device, so a process that embeds them may start it too (it
+    takes ``signo`` for the whole process)."""
     rc = lib.pvio_send_guard_start(int(signo), int(timeout * 1e9))
     if rc:
         raise _oserror(rc)

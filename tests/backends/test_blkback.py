@@ -33,7 +33,6 @@ from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError
 from pvio.frontends.session import open_session
 from pvio.layouts import BlkifOp, BlkifRsp
 from pvio.layouts import XenbusState as S
-from pvio.ring import EventChannelBlockedError
 from tests.blk_helpers import (
     PAGE,
     U64,
@@ -52,6 +51,7 @@ from tests.blk_helpers import (
     seg_bytes,
     vbd,
 )
+from tests.evtchn_helpers import blocked_send
 from tests.pvio_daemon import running_daemon, wait_state, watchdog
 
 OK, ERR, NOTSUPP = BlkifRsp.OKAY, BlkifRsp.ERROR, BlkifRsp.EOPNOTSUPP
@@ -767,14 +767,6 @@ async def test_broken_ring_index_closes_only_that_device(daemon, cotenant):
         assert await front.read(0, 5) == b"again"
 
 
-def _block_sends(channel) -> None:
-    """What the send guard makes of a notification the peer blocked (its eventfd
-    made blocking and saturated between our poll and our write)."""
-    def blocked() -> None:
-        raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-    channel.notify = blocked
-
-
 async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         daemon, cotenant):
     """Until the send guard, a notification the frontend blocked froze the
@@ -785,7 +777,7 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         ro, _ = await attach_raw(s, XVDB)
         be, _ = paths(s, XVDA)
         backend = backend_device(daemon, "evil", XVDA)
-        _block_sends(backend.driver.conn.queues[0].channel)
+        backend.driver.conn.queues[0].channel.notify = blocked_send
         _, ref, _ = raw.page()
         raw.send(rw_req(R, 1, 0, [(ref, 0, 7)]))  # answered, then the notify fails
         await wait_state(s.xs, f"{be}/state", lambda st: st in (S.Closing, S.Closed))

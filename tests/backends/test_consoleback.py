@@ -40,7 +40,6 @@ import trio
 from pvio.frontends.console import open_console
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
-from pvio.ring import EventChannelBlockedError
 from pvio.xenbus.device import backend_path
 from tests.console_helpers import (
     IN_CONS,
@@ -66,6 +65,7 @@ from tests.console_helpers import (
     set_u32,
     write_all,
 )
+from tests.evtchn_helpers import blocked_send
 from tests.pvio_daemon import running_daemon, serving, wait_state, watchdog
 
 MIB = 1 << 20
@@ -629,11 +629,7 @@ async def test_a_guest_that_blocks_our_notification_loses_only_that_console(daem
     disconnected like one with a broken ring, the other domain's keeps echoing."""
     async with open_session(daemon.config.socket, "evil") as s:
         raw, device = await attach_raw_console(s)
-
-        def blocked() -> None:
-            raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-
-        console_driver(daemon, "evil").stream.channel.notify = blocked
+        console_driver(daemon, "evil").stream.channel.notify = blocked_send
         page = raw.area(0)
         page[OUT_OFF:OUT_OFF + 3] = b"ok\n"
         set_u32(page, OUT_PROD, 3)

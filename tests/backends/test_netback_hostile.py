@@ -24,7 +24,7 @@ import trio
 
 from pvio.frontends.session import open_session
 from pvio.layouts import XenbusState as S
-from pvio.ring import EventChannelBlockedError
+from tests.evtchn_helpers import blocked_send
 from tests.net_helpers import (
     EXTRA_TYPE_HASH,
     EXTRA_TYPE_MAX,
@@ -406,12 +406,6 @@ async def test_chain_running_past_req_prod_disconnects_only_that_vif(daemon, pai
         assert backend_device(daemon, "evil", 1).status.state == S.Connected
 
 
-def _blocked_send() -> None:
-    """What the send guard makes of a send the guest blocked (its eventfd made
-    blocking and saturated between our poll and our write)."""
-    raise EventChannelBlockedError("a send to the peer's eventfd waited (test)")
-
-
 async def _working_evil_vif(daemon, session, pair):
     """A raw vif that has delivered a good packet: (raw, Evil, its backend queue 0)."""
     raw, device = await attach_raw(session, features={"feature-sg": "1"})
@@ -429,7 +423,7 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemo
     async with open_session(daemon.config.socket, "evil") as s:
         raw, evil, queue = await _working_evil_vif(daemon, s, pair)
         for channel in {queue.channel, queue.rx_channel}:
-            channel.notify = _blocked_send
+            channel.notify = blocked_send
         if ring == "tx":
             raw.tx[0].arm()  # the guest waits for the answer: the backend notifies
             slots, _ = evil.good_slots(pair.b.mac)
@@ -451,7 +445,7 @@ async def test_a_blocked_wake_up_outside_a_batch_disconnects_the_vif_not_the_sen
     the vif, not raise into whoever forwarded."""
     async with open_session(daemon.config.socket, "evil") as s:
         raw, evil, queue = await _working_evil_vif(daemon, s, pair)
-        queue.rx_channel.set_pending = _blocked_send
+        queue.rx_channel.set_pending = blocked_send
         host = daemon.switch.add_port("host-test")
         try:
             daemon.switch.forward(host, eth(raw.mac, "02:00:00:00:00:99", b"to-evil" + bytes(80)))

@@ -51,6 +51,7 @@ from tests.blk_helpers import (
     slow_backend,
     vbd,
 )
+from tests.evtchn_helpers import blocked_send
 from tests.pvio_daemon import ServeProcess, running_daemon, short_tmpdir, watchdog
 
 MIB = 1 << 20
@@ -682,6 +683,25 @@ async def test_silent_backend_that_closes_fails_pending_callers(monkeypatch):
 
 
 # ------------------------------------------- batches (read_many/write_many), PoolBuffers
+
+
+async def test_a_backend_that_blocks_our_notification_disables_only_that_vbd(daemon):
+    """Under the send guard, a notification the backend blocked (its eventfd
+    made blocking and saturated between our poll and our write) raises
+    EventChannelBlockedError. blkfront let it escape from read and write and
+    kept using the device; now it disables the device as for a broken ring:
+    the caller gets BlkDeviceError, so do later calls, and the session's
+    other vbd keeps working."""
+    async with open_session(daemon.config.socket, "g") as session:
+        front, _ = await attach_blk(session)
+        other, _ = await attach_blk(session, XVDB)
+        front.queues[0].channel.notify = blocked_send
+        with trio.fail_after(5), pytest.raises(BlkDeviceError, match="waited"):
+            await front.write(0, b"x" * 4096)
+        assert "waited" in front.error
+        with pytest.raises(BlkDeviceError, match="unusable"):
+            await front.read(0, 512)
+        assert await other.read(0, 4096) == image_bytes(daemon, devid=XVDB)[:4096]
 
 
 async def test_write_many_then_read_many_match_the_image(daemon, front):

@@ -41,6 +41,7 @@ from pvio.ring import (
     SharedMemory,
 )
 from pvio.xenbus.ringdev import FrontQueue
+from tests.evtchn_helpers import blocked_send
 from tests.net_helpers import (
     EXTRA,
     EXTRA_FLAG_MORE,
@@ -437,15 +438,18 @@ class TestBackend:
 
 
 @contextlib.asynccontextmanager
-async def hostile_backend(*, offloads: bool = False):
+async def hostile_backend(*, offloads: bool = False, notify=None):
     """A NetFront set up exactly as on a real attach (its own ``setup`` and
-    ``attach``), over a fake session, with the test as its backend."""
+    ``attach``), over a fake session, with the test as its backend; ``notify``
+    replaces the NetFront channel's ``notify`` from the start."""
     pool = PagePool(SharedMemory.create(1024 * PAGE, name="test-netfront-pool"))
     gnttab = GrantTable.create(2048, name="test-netfront-gnttab")
     fe_table, be_table = EventChannelTable(1), EventChannelTable(0)
     unbound = fe_table.alloc_unbound(0)
     be_channel = be_table.bind_interdomain(1, unbound.port, unbound.peer_fds())
     be_channel.consume()
+    if notify is not None:
+        unbound.channel.notify = notify
     try:
         async with trio.open_nursery() as nursery:
             session = types.SimpleNamespace(pool=pool, gnttab=gnttab, _nursery=nursery)
@@ -537,6 +541,35 @@ async def test_tx_response_for_an_id_not_in_flight_puts_the_device_in_error():
         assert rid in front._q[0].in_flight
         back.respond_tx((rid ^ 1, 0))  # answered with an id that was never sent
         await expect_device_error(front, "not in flight")
+
+
+@pytest.mark.parametrize("ring", ["tx", "rx"])
+async def test_a_backend_that_blocks_our_notification_puts_the_device_in_error(ring):
+    """Under the send guard, a notification the backend blocked (its eventfd
+    made blocking and saturated between our poll and our write) raises
+    EventChannelBlockedError: on TX in the sender's call, on RX in the queue
+    task that reposts buffers. It escaped from send() and ended the queue task
+    with the device still up; now the device is in error, as for a broken ring."""
+    async with hostile_backend() as (front, back):
+        reqs = back.rx_requests()
+        channel = front._q[0].channels[0]
+        channel.notify = blocked_send
+        if ring == "tx":
+            await front.send(bytes(60))  # on the ring; the notification fails
+        else:
+            back.rx.final_check_for_requests()  # armed: the repost notifies
+            frame = eth("02:00:00:00:00:01", "02:00:00:00:00:02", b"x" * 60)
+            back.fill(reqs[0][1], frame)
+            back.respond_rx(rsp(0, 0, 0, len(frame)))
+            with trio.fail_after(5):
+                assert (await front.receive()).data == frame
+        await expect_device_error(front, "waited")
+
+
+async def test_a_backend_that_blocks_the_first_rx_notification_fails_the_attach():
+    with pytest.RaisesGroup(pytest.RaisesExc(NetDeviceError, match="waited")):
+        async with hostile_backend(notify=blocked_send):
+            pass
 
 
 async def test_regression_receive_many_is_a_checkpoint_even_when_frames_wait():
