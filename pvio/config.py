@@ -34,6 +34,7 @@ Example (every key optional; this is the embedded default)::
       type = "vif"                        # a port on the daemon's switch
       devid = 0
       mac = "00:16:3e:00:00:01"
+      # spoof_check = true                # drop frames whose source MAC is not mac
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _uids(value, where: str) -> set[int] | None:
 
 _DEVICE_KEYS = {
     "vbd": {"image", "size", "mode", "sector_size", "busy_poll_us"},
-    "vif": {"mac"},
+    "vif": {"mac", "spoof_check"},
     "console": {"log", "limit"},
 }
 _DOMAIN_KEYS = {"name", "uids", "device"}
@@ -181,6 +182,9 @@ def _device(raw: dict, where: str) -> DeviceConfig:
         if not _MAC.match(mac):
             raise ConfigError(f"{where}: bad mac {mac!r}")
         opts["mac"] = mac
+        if not isinstance(opts.setdefault("spoof_check", True), bool):
+            raise ConfigError(f"{where}: spoof_check must be true or false (false lets the "
+                              "guest send with any source MAC, e.g. when it bridges)")
     return DeviceConfig(dtype, devid, opts)
 
 

@@ -169,7 +169,8 @@ class Daemon:
                                                    limit=dev.options.get("limit", 1 << 20))
         return self.backend_classes["vif"](domain, dev.options["mac"], self.switch,
                                            devid=dev.devid,
-                                           queue_frames=self.config.switch.queue_frames)
+                                           queue_frames=self.config.switch.queue_frames,
+                                           spoof_check=dev.options["spoof_check"])
 
     async def _claim(self, domain: Domain, name: str) -> None:
         dom_cfg = self.config.domains.get(name)

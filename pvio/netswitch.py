@@ -7,6 +7,11 @@ has a bounded queue of frames waiting for its consumer: a consumer that stops
 reading loses frames (counted in ``dropped``), never the daemon's memory
 (XSA-392/424: a hard per-queue cap).
 
+A port may be bound to one source MAC (``Port.source``: a vif's configured
+MAC): a frame from it with any other source is dropped (counted in
+``spoofed``) and never learned, so a guest cannot take another's traffic by
+sending with its MAC (what Xen's vif scripts do with ebtables).
+
 Queued items are :class:`pvio.netif.Frame` (bytes plus offload state), so a
 checksum-offloaded or GSO frame keeps its flags from one vif to the next.
 Taps (``pvio net capture``) see every frame a port sends and every frame
@@ -35,6 +40,7 @@ class PortStats:
     tx_bytes: int = 0
     dropped: int = 0  # frames lost because the port's queue was full
     runts: int = 0  # frames shorter than an Ethernet header
+    spoofed: int = 0  # frames dropped: their source MAC is not the port's ``source``
 
 
 @dataclass(eq=False)
@@ -44,6 +50,7 @@ class Port:
     queue: deque = field(default_factory=deque)
     stats: PortStats = field(default_factory=PortStats)
     on_ready: Callable[[], None] | None = None  # called when the queue becomes non-empty
+    source: bytes | None = None  # the only source MAC this port may send (None: any)
 
     taps: list[Tap] = field(default_factory=list)
 
@@ -137,6 +144,9 @@ class Switch:
         frame = Frame(data, offload)
         for tap in ingress.taps:
             tap("in", frame)
+        if ingress.source is not None and data[6:12] != ingress.source:
+            ingress.stats.spoofed += 1
+            return []
         return [p for p in self._targets(ingress, data) if p.enqueue(frame)]
 
     def _targets(self, ingress: Port, data) -> list[Port]:
@@ -160,6 +170,9 @@ class Switch:
         for frame in frames if ingress.taps else ():
             for tap in ingress.taps:
                 tap("in", frame)
+        if ingress.source is not None and frames[0].data[6:12] != ingress.source:
+            ingress.stats.spoofed += len(frames)
+            return
         for port in self._targets(ingress, frames[0].data):
             port.enqueue_many(frames, nbytes)
 

@@ -440,3 +440,33 @@ def test_vbd_busy_poll_us_is_checked(value):
 
     with pytest.raises(cfg.ConfigError, match="busy_poll_us"):
         cfg.parse(VBD_POLL.format(value), socket="/tmp/x.sock", data_dir="/tmp/d")
+VIF_SPOOF = """
+[[domain]]
+name = "g"
+  [[domain.device]]
+  type = "vif"
+  mac = "02:00:00:00:00:01"
+{}"""
+
+
+@pytest.mark.parametrize(("line", "expected"), [("", True), ("  spoof_check = true\n", True),
+                                                ("  spoof_check = false\n", False)])
+def test_vif_spoof_check_reaches_the_backend(line, expected):
+    from pvio import config as cfg
+
+    with short_tmpdir() as root:
+        daemon = Daemon(cfg.parse(VIF_SPOOF.format(line), socket=str(root / "xb.sock"),
+                                  data_dir=str(root)))
+        (dev,) = daemon.config.domains["g"].devices
+        assert daemon._driver(None, "g", dev).spoof_check is expected
+
+
+@pytest.mark.parametrize("value", ["1", '"yes"'])
+def test_vif_spoof_check_is_checked(value):
+    from pvio import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match="spoof_check must be true or false"):
+        cfg.parse(VIF_SPOOF.format(f"  spoof_check = {value}\n"), socket="/tmp/x.sock",
+                  data_dir="/tmp/d")
+
+

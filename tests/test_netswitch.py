@@ -1,5 +1,6 @@
 """The learning switch: learning, aging, flooding, per-port bounds."""
 
+from pvio.netif import NO_OFFLOAD, Frame
 from pvio.netswitch import Switch
 
 A, B, C = (bytes.fromhex(f"02000000000{i}") for i in (1, 2, 3))
@@ -71,3 +72,34 @@ def test_removed_port_is_forgotten():
     sw.remove_port(pb)
     assert sw.fdb() == {}
     assert sw.forward(pa, frame(B, A)) == []
+
+
+def test_a_port_bound_to_a_source_mac_drops_frames_with_another():
+    """Anti-spoofing: a frame claiming B's MAC from port a is dropped and
+    counted, and B's traffic still goes to B (the table is not poisoned);
+    the port's own MAC and other ports are unaffected."""
+    sw = Switch()
+    pa, pb, pc = (sw.add_port(n) for n in "abc")
+    pa.source = A
+    seen = []
+    pa.taps.append(lambda direction, f: seen.append(direction))
+    assert sw.forward(pb, frame(BCAST, B)) == [pa, pc]  # B learned on b
+    assert sw.forward(pa, frame(C, B)) == []
+    assert sw.forward(pa, frame(BCAST, B)) == []
+    assert pa.stats.spoofed == 2 and seen == ["out", "in", "in"]  # captures show them
+    assert sw.fdb()[B.hex(":")] == "b"
+    assert sw.forward(pc, frame(B, C)) == [pb]
+    assert sw.forward(pa, frame(B, A)) == [pb]
+    assert pa.stats.spoofed == 2
+
+
+def test_forward_run_checks_the_run_s_source_once():
+    sw = Switch()
+    pa, pb = sw.add_port("a"), sw.add_port("b")
+    pa.source = A
+    spoofed = [Frame(frame(B, C), NO_OFFLOAD) for _ in range(3)]
+    sw.forward_run(pa, spoofed, sum(len(f.data) for f in spoofed))
+    assert pa.stats.spoofed == 3 and not pb.queue and C.hex(":") not in sw.fdb()
+    good = [Frame(frame(B, A), NO_OFFLOAD) for _ in range(3)]
+    sw.forward_run(pa, good, sum(len(f.data) for f in good))
+    assert len(pb.queue) == 3 and pa.stats.spoofed == 3

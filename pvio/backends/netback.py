@@ -230,7 +230,11 @@ class _Work:
 
 
 class NetBackend(RingBackendDriver):
-    """One vif: a port of ``switch`` named ``vif<domid>.<devid>`` (Xen's naming)."""
+    """One vif: a port of ``switch`` named ``vif<domid>.<devid>`` (Xen's naming).
+
+    With ``spoof_check`` (the default) the port takes only frames whose source
+    MAC is the vif's ``mac``; the others are dropped and counted
+    (``tx_spoofed``), as Xen's vif scripts do with ebtables."""
 
     layout = VIF
     #: The shortest TX packet accepted (netif.h: an Ethernet header). Lowering it
@@ -238,9 +242,11 @@ class NetBackend(RingBackendDriver):
     min_tx_frame = ETH_HLEN
 
     def __init__(self, domain, mac: str, switch: Switch | None = None, *, devid: int = 0,
-                 queue_frames: int = 1024, max_slots: int = 20) -> None:
+                 queue_frames: int = 1024, max_slots: int = 20,
+                 spoof_check: bool = True) -> None:
         super().__init__(domain)
         self.mac = mac
+        self.spoof_check = spoof_check
         self.switch = switch if switch is not None else Switch()
         self.devid = devid
         self.queue_frames = queue_frames
@@ -286,6 +292,8 @@ class NetBackend(RingBackendDriver):
         self._running = []
         self.port = VifPort(self.port_name, self.queue_frames, len(conn.queues), self.switch,
                             self._deliver)
+        if self.spoof_check:
+            self.port.source = bytes.fromhex(self.mac.replace(":", ""))
         self._queues = []
         for q, qc in enumerate(conn.queues):
             queue = _Queue(q, BackRing.attach(NETIF_TX, qc.mappings[0].buf),
@@ -318,6 +326,7 @@ class NetBackend(RingBackendDriver):
         return {"tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
                 "rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "rx_errors": s.rx_errors,
                 "rx_dropped": s.rx_dropped + (port.dropped if port else 0),
+                "tx_spoofed": port.spoofed if port else 0,
                 "gso_segmented": s.gso_segmented, "queues": len(self._queues),
                 "rx_queued": self.port.queued if self.port is not None else 0,
                 # what the frontend has posted and we have not used yet (held: taken

@@ -50,6 +50,7 @@ from tests.net_helpers import (
     extra_slot,
     gso_slot,
     mac,
+    mac_bytes,
     netback,
     paths,
     refused,
@@ -64,6 +65,7 @@ CONFIG = "\n".join([
     domain("a", vif(0, mac(1))),
     domain("b", vif(0, mac(2))),
     domain("evil", vif(0, mac(9)), vif(1, mac(10))),
+    domain("bridge", vif(0, mac(11)) + "  spoof_check = false\n"),
 ])
 
 
@@ -412,6 +414,37 @@ async def _working_evil_vif(daemon, session, pair):
     evil = Evil(daemon, session, raw, device)
     await evil.still_delivers(pair)
     return raw, evil, evil.backend.driver.conn.queues[0]
+
+
+async def test_a_guest_sending_with_another_guest_s_mac_is_dropped_and_not_learned(
+        daemon, pair):
+    """MAC anti-spoofing: frames a guest sends with b's MAC as their source are
+    dropped and counted (tx_spoofed). Without it the switch learned b's MAC on
+    the guest's port, and a's frames to b went to the guest instead."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        nic = await attach_net(s)
+        for k in range(5):
+            await nic.send(eth(pair.a.mac, pair.b.mac, b"i-am-b-%d" % k + bytes(80)))
+        evil = netback(daemon, "evil")
+        with trio.fail_after(5):
+            while evil.statistics()["tx_spoofed"] < 5:
+                await trio.sleep(0.01)
+        assert daemon.switch.fdb()[pair.b.mac] == netback(daemon, "b").port_name
+        await pair.progress(5)  # a still reaches b, and hears only b as b
+        await nic.send(eth(pair.b.mac, nic.mac, b"evil-own" + bytes(80)))
+        assert (await pair.seen(b"evil-own"))[6:12] == mac_bytes(nic.mac)
+        assert evil.statistics()["tx_spoofed"] == 5
+
+
+async def test_a_vif_without_spoof_check_may_send_with_any_source_mac(daemon, pair):
+    """spoof_check = false (a guest that bridges): its frames go out with any
+    source MAC, and the switch learns them on its port."""
+    async with open_session(daemon.config.socket, "bridge") as s:
+        nic = await attach_net(s)
+        await nic.send(eth(pair.b.mac, mac(20), b"bridged" + bytes(80)))
+        assert (await pair.seen(b"bridged"))[6:12] == mac_bytes(mac(20))
+        assert daemon.switch.fdb()[mac(20)] == netback(daemon, "bridge").port_name
+        assert netback(daemon, "bridge").statistics()["tx_spoofed"] == 0
 
 
 @pytest.mark.parametrize("ring", ["tx", "rx"])
