@@ -316,6 +316,7 @@ async def _cancel_when_lost(xs, lost: trio.CancelScope, watcher: trio.CancelScop
 async def _attach(session, domain: str, devid: int | None, ring_order: int, queues: int,
                   timeout: float):
     from pvio.frontends.blkfront import BLK_KEYS, BlkFront
+    from pvio.xenbus.device import DeviceError
 
     offered = [d for d in await session.devices() if d.type == "vbd"]
     if not offered:
@@ -329,12 +330,17 @@ async def _attach(session, domain: str, devid: int | None, ring_order: int, queu
                            + ", ".join(str(d.devid) for d in offered))
     front = BlkFront(session, ring_page_order=ring_order, queues=queues)
     device = await session.attach(front, chosen.devid, BLK_KEYS)
-    with trio.move_on_after(timeout):
-        await device.connected.wait()
-    if not device.connected.is_set() or front.ring is None:
+    why = None
+    try:
+        await device.wait_connected(timeout)
+    except DeviceError as exc:  # refused or closed by the backend
+        why = str(exc)
+    except trio.TooSlowError:
+        why = f"did not connect within {timeout:.0f} s"
+    if why is not None or front.ring is None:
         peer = getattr(device.status.peer_state, "name", "?")
-        raise BlkError(f"vbd/{chosen.devid} of domain {domain!r} did not connect within "
-                       f"{timeout:.0f} s (frontend {device.status.state.name}, backend "
+        raise BlkError(f"vbd/{chosen.devid} of domain {domain!r}: {why or 'no ring'} "
+                       f"(frontend {device.status.state.name}, backend "
                        f"{peer}{'; ' + front.error if front.error else ''})")
     return device, front
 

@@ -6,6 +6,8 @@ Example (every key optional; this is the embedded default)::
     # data_dir = "/var/lib/pvio"
     # admin_uids = [0]                    # default: root and the daemon's own uid
     # guest_uids = [1000]                 # default: whoever can open the socket (0600)
+    # stall_backoff = 1                   # s a device refuses connects after its frontend
+    #                                     # blocked a notification; doubles per repeat, to 60
 
     # [switch]                            # every vif is a port of the daemon's L2 switch
     # tap = "pvio0"                       # also bridge it to this host TAP device
@@ -87,6 +89,7 @@ class Config:
     domains: dict[str, DomainConfig] = field(default_factory=dict)
     source: str = "embedded default"
     switch: SwitchConfig = field(default_factory=SwitchConfig)
+    stall_backoff: float = 1.0
 
     @property
     def admin_socket(self) -> str:
@@ -188,6 +191,13 @@ def _device(raw: dict, where: str) -> DeviceConfig:
     return DeviceConfig(dtype, devid, opts)
 
 
+def _seconds(value, where: str, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+            not low <= value <= high:
+        raise ConfigError(f"{where}: must be a number of seconds in {low:g}..{high:g}")
+    return float(value)
+
+
 def _switch(raw, where: str) -> SwitchConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -211,7 +221,8 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    known = {"socket", "data_dir", "admin_uids", "guest_uids", "domain", "switch"}
+    known = {"socket", "data_dir", "admin_uids", "guest_uids", "domain", "switch",
+             "stall_backoff"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -222,6 +233,8 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
         guest_uids=_uids(raw.get("guest_uids"), f"{source}: guest_uids"),
         source=source,
         switch=_switch(raw.get("switch", {}), f"{source}: switch"),
+        stall_backoff=_seconds(raw.get("stall_backoff", 1.0),
+                                   f"{source}: stall_backoff", 0, 3600),
     )
     for i, dom in enumerate(raw.get("domain", [])):
         where = f"{source}: domain[{i}]"

@@ -27,7 +27,7 @@ from pvio.config import Config, DeviceConfig
 from pvio.layouts import XenbusState as S
 from pvio.netswitch import Switch
 from pvio.ring import guard_sends
-from pvio.xenbus.device import BackendDevice, backend_path, frontend_path
+from pvio.xenbus.device import BackendDevice, StallBackoff, backend_path, frontend_path
 from pvio.xenbus.server import Domain, LocalStore, XenstoreServer
 from pvio.xenbus.state import parse_state
 from pvio.xenbus.store import Connection, XenstoreError
@@ -72,6 +72,7 @@ class Daemon:
         self.server.on_claim = self._claim
         self.server.on_domain_down.append(self._release)
         self._claimed: dict[str, _Attached] = {}
+        self._backoffs: dict[tuple[str, str, int], StallBackoff] = {}
         self._root = Connection(0, privileged=True, name="daemon")
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
@@ -172,6 +173,13 @@ class Daemon:
                                            queue_frames=self.config.switch.queue_frames,
                                            spoof_check=dev.options["spoof_check"])
 
+    def _backoff(self, name: str, dev) -> StallBackoff:
+        """The stall record of a configured device: it outlives sessions."""
+        key = (name, dev.type, dev.devid)
+        if key not in self._backoffs:
+            self._backoffs[key] = StallBackoff(self.config.stall_backoff)
+        return self._backoffs[key]
+
     async def _claim(self, domain: Domain, name: str) -> None:
         dom_cfg = self.config.domains.get(name)
         if dom_cfg is None:
@@ -190,7 +198,8 @@ class Daemon:
                 attached.stores.append(store)
                 driver = self._driver(domain, name, dev)
                 device = BackendDevice(store, driver, domain.domid, dev.devid,
-                                       driver.layout.frontend_keys)
+                                       driver.layout.frontend_keys,
+                                       self._backoff(name, dev))
                 await self._create_nodes(store, device, driver)
                 attached.devices.append(device)
         except (OSError, XenstoreError) as exc:

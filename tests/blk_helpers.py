@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import trio
-
 from pvio.frontends.blkfront import BLK_KEYS, BlkFront
 from pvio.testing._blk import (  # noqa: F401 - re-exported for the tests
     PAGE,
@@ -56,8 +54,7 @@ async def attach_blk(session, devid: int = XVDA, timeout: float = 5.0, **kwargs)
     """A connected BlkFront on ``devid``: (front, FrontendDevice)."""
     front = BlkFront(session, **kwargs)
     device = await session.attach(front, devid, BLK_KEYS)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
+    await device.wait_connected(timeout)
     return front, device
 
 

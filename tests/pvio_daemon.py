@@ -218,6 +218,24 @@ async def wait_state(xs, path: str, want, timeout: float = 5.0):
     raise AssertionError(f"watch on {path} ended before it reached {want}")
 
 
+async def refused_while_backing_off(daemon, session, attach, name: str, dtype: str,
+                                   devid: int) -> None:
+    """After ``name``'s device stalled the daemon once, ``attach(session)`` (a
+    new session) is refused at once (DeviceError, not a timeout) while the
+    device backs off (pvio.xenbus.device.StallBackoff); returns when the
+    back-off is over."""
+    import pytest
+
+    from pvio.xenbus.device import DeviceError
+
+    backoff = daemon._backoffs[(name, dtype, devid)]
+    assert backoff.count == 1 and backoff.refusal(trio.current_time())
+    with pytest.raises(DeviceError, match="closed before it connected"):
+        await attach(session)
+    while backoff.refusal(trio.current_time()) is not None:
+        await trio.sleep(0.05)
+
+
 async def _watchdog(seconds: float, what: str) -> None:
     await trio.sleep(seconds)
     raise trio.TooSlowError(f"{what}: still running after {seconds} s (hang?)")

@@ -449,6 +449,27 @@ name = "g"
 {}"""
 
 
+@pytest.mark.parametrize(("line", "expected"), [("", 1.0), ("stall_backoff = 0\n", 0.0),
+                                                ("stall_backoff = 2.5\n", 2.5)])
+def test_stall_backoff_reaches_every_device(line, expected):
+    from pvio import config as cfg
+
+    with short_tmpdir() as root:
+        daemon = Daemon(cfg.parse(line + VIF_SPOOF.format(""), socket=str(root / "xb.sock"),
+                                  data_dir=str(root)))
+        (dev,) = daemon.config.domains["g"].devices
+        assert daemon._backoff("g", dev).base == expected
+        assert daemon._backoff("g", dev) is daemon._backoff("g", dev)  # outlives sessions
+
+
+@pytest.mark.parametrize("value", ["-1", "4000", '"1s"', "true"])
+def test_stall_backoff_is_checked(value):
+    from pvio import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match="stall_backoff: must be a number of seconds"):
+        cfg.parse(f"stall_backoff = {value}\n", socket="/tmp/x.sock", data_dir="/tmp/d")
+
+
 @pytest.mark.parametrize(("line", "expected"), [("", True), ("  spoof_check = true\n", True),
                                                 ("  spoof_check = false\n", False)])
 def test_vif_spoof_check_reaches_the_backend(line, expected):

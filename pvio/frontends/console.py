@@ -49,7 +49,6 @@ async def open_console(session, devid: int = 0, timeout: float = 10.0) -> Consol
     """Attach console ``devid`` of ``session`` and wait until it is connected."""
     front = ConsoleFront(session)
     device = await session.attach(front, devid)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
+    await device.wait_connected(timeout)
     front.device = device
     return front

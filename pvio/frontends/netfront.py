@@ -668,8 +668,7 @@ async def open_netfront(session, devid: int = 0, *, timeout: float = 10.0,
     """Attach vif ``devid`` of ``session`` and wait until it is connected."""
     front = NetFront(session, **kwargs)
     device = await session.attach(front, devid, NET_KEYS)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
+    await device.wait_connected(timeout)
     front.device = device
     return front
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import trio
-
 PAGE = 4096
 
 
@@ -29,6 +27,5 @@ async def attach_driver(session, driver, type_: str, devid: int, keys: tuple[str
     if devid not in offered:
         raise LookupError(f"no {type_} {devid} offered (offered: {sorted(offered)})")
     device = await session.attach(driver, devid, keys)
-    with trio.fail_after(timeout):
-        await device.connected.wait()
+    await device.wait_connected(timeout)
     return driver, device

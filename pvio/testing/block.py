@@ -541,8 +541,7 @@ async def reference_block_frontend(socket_path: str, domain: str) -> None:
             raise RuntimeError(f"domain {domain!r} offers no vbd")
         front = BlkFront(session)
         device = await session.attach(front, vbds[0].devid, BLK_KEYS)
-        with trio.fail_after(10):
-            await device.connected.wait()
+        await device.wait_connected(10)
         pattern = bytes(range(256)) * (4 * PAGE // 256)
         await front.write(8 * SECTOR, pattern)
         await front.flush()

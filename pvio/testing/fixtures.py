@@ -68,8 +68,7 @@ async def block_pair(*, size: str = "16M", sector_size: int = 512,
             open_session(daemon.config.socket, "guest") as session:
         front = BlkFront(session, **blkfront)
         device = await session.attach(front, 51712, BLK_KEYS)
-        with trio.fail_after(10):
-            await device.connected.wait()
+        await device.wait_connected(10)
         yield front, daemon
 
 

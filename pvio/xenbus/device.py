@@ -16,6 +16,7 @@ Node layout (as libxl writes it)::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,6 +72,48 @@ class BackendDriver(Protocol):
         """Stop serving and release the rings (idempotent)."""
 
 
+class StallBackoff:
+    """Refuse a device's connects for a while after its frontend stalled the
+    daemon (hardening.md #10: back off after a failed request).
+
+    A frontend that blocks one of our notifications (its eventfd made blocking
+    and saturated; :func:`pvio.ring.guard_sends`) holds the daemon's whole
+    event loop for the guard's timeout before it loses the device. Losing it
+    costs the frontend nothing, so without a back-off it could reconnect and
+    do it again as fast as the handshake goes, and keep the daemon frozen most
+    of the time. The first stall refuses connects for ``base`` seconds, each
+    further one twice as long as the one before, up to ``limit``; ``forget``
+    seconds without one start the count again. Kept per configured device by
+    the daemon, so a new session does not reset it. ``base`` 0 turns it off.
+    Other protocol violations only disconnect: they cost the daemon no more
+    than a connect, and the conformance kit commits them back to back.
+    Sans-I/O: the caller passes the time."""
+
+    def __init__(self, base: float = 1.0, limit: float = 60.0, forget: float = 600.0) -> None:
+        self.base, self.limit, self.forget = base, limit, forget
+        self.count = 0
+        self.reason = ""
+        self._last = 0.0
+        self._until = 0.0
+
+    def strike(self, now: float, reason: str) -> float:
+        """A stall at ``now``; returns how long connects are refused."""
+        if self.count and now - self._last > self.forget:
+            self.count = 0
+        self.count += 1
+        self._last, self.reason = now, reason
+        pause = min(self.base * 2 ** (self.count - 1), self.limit) if self.base > 0 else 0.0
+        self._until = now + pause
+        return pause
+
+    def refusal(self, now: float) -> str | None:
+        """Why a connect at ``now`` is refused, or None."""
+        if now >= self._until:
+            return None
+        return (f"refused for another {self._until - now:.1f} s: the frontend blocked our "
+                f"notifications ({self.count} time(s); last: {self.reason})")
+
+
 @dataclass
 class DeviceStatus:
     state: S = S.Initialising
@@ -84,7 +127,7 @@ class BackendDevice:
     """Runs one backend device instance against the daemon's store."""
 
     def __init__(self, store: Store, driver: BackendDriver, domid: int, devid: int,
-                 frontend_keys: tuple[str, ...]) -> None:
+                 frontend_keys: tuple[str, ...], backoff: StallBackoff | None = None) -> None:
         self.store = store
         self.driver = driver
         self.domid = domid
@@ -93,14 +136,22 @@ class BackendDevice:
         self.be = backend_path(driver.type, domid, devid)
         self.fe = frontend_path(driver.type, domid, devid)
         self.status = DeviceStatus()
+        self.backoff = backoff if backoff is not None else StallBackoff()
         driver.on_failure = self.fail
 
     def __repr__(self) -> str:
         return f"{self.driver.type}/{self.domid}/{self.devid}"
 
-    async def fail(self, reason: str) -> None:
-        """The peer broke the device's protocol: disconnect this one device."""
+    async def fail(self, reason: str, stalled: bool = False) -> None:
+        """The peer broke the device's protocol: disconnect this one device. If
+        it ``stalled`` the daemon (blocked a notification), refuse its connects
+        for a while (:class:`StallBackoff`)."""
         self.status.last_error = reason
+        pause = self.backoff.strike(trio.current_time(), reason) if stalled else 0.0
+        if pause:
+            peer_log.warning(f"backoff:{self}", "%s: connects refused for %.0f s (the "
+                             "frontend stalled the daemon %d time(s))", self, pause,
+                             self.backoff.count)
         await self.driver.disconnect()
         if self.status.state not in (S.Closing, S.Closed):
             await self._set_state(S.Closing)
@@ -129,6 +180,9 @@ class BackendDevice:
                  self.status.state.name, goto.name, action.value)
         try:
             if action is Action.CONNECT:
+                refused = self.backoff.refusal(trio.current_time())
+                if refused:
+                    raise DeviceError(refused)
                 keys = {k: await self.store.read_or_none(f"{self.fe}/{k}")
                         for k in self.frontend_keys}
                 info = await self.driver.connect(keys)
@@ -280,6 +334,26 @@ class FrontendDevice:
                     return
         if self.xs.lost.is_set():
             raise ConnectionResetError("store connection lost")
+
+    async def wait_connected(self, timeout: float = math.inf) -> None:
+        """Until the device is Connected. :class:`DeviceError` if it closes
+        first (the backend refused the connect, e.g. while it backs off after the
+        frontend stalled it, or closed the device: the daemon's log says why);
+        ``trio.TooSlowError`` after ``timeout`` seconds."""
+        connected = self.connected
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                async def closed() -> None:
+                    await self.closed.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(closed)
+                await connected.wait()
+                nursery.cancel_scope.cancel()
+        if not connected.is_set():
+            why = self.status.last_error or f"the backend went {self.status.peer_state.name}"
+            raise DeviceError(f"{self.driver.type}/{self.devid} closed before it connected "
+                              f"({why}; the daemon's log says why)")
 
     async def backend_changed(self) -> None:
         peer = parse_state(await self.xs.read_or_none(f"{self.be}/state"))

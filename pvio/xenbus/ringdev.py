@@ -142,11 +142,13 @@ class RingBackendDriver:
         self.nursery = None
         self.on_failure = None
 
-    def peer_failed(self, reason: str) -> None:
+    def peer_failed(self, reason: str, stalled: bool = False) -> None:
         """The peer broke this device: have the device framework disconnect it
-        (in a new task: the caller is usually a service the disconnect stops)."""
+        (in a new task: the caller is usually a service the disconnect stops).
+        ``stalled``: it did so by blocking one of our notifications, which held
+        the daemon (the framework then backs off its reconnects)."""
         if self.on_failure is not None:
-            self.nursery.start_soon(self.on_failure, reason)
+            self.nursery.start_soon(self.on_failure, reason, stalled)
 
     def features(self) -> dict[str, str]:
         feats = {}

@@ -52,7 +52,7 @@ from tests.blk_helpers import (
     vbd,
 )
 from tests.evtchn_helpers import blocked_send
-from tests.pvio_daemon import running_daemon, wait_state, watchdog
+from tests.pvio_daemon import refused_while_backing_off, running_daemon, wait_state, watchdog
 
 OK, ERR, NOTSUPP = BlkifRsp.OKAY, BlkifRsp.ERROR, BlkifRsp.EOPNOTSUPP
 R, W, BAR, FL, DIS, IND = (BlkifOp.READ, BlkifOp.WRITE, BlkifOp.WRITE_BARRIER,
@@ -771,7 +771,9 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         daemon, cotenant):
     """Until the send guard, a notification the frontend blocked froze the
     daemon's event loop; now the send raises, and the device is disconnected
-    like one with a broken ring, nothing else."""
+    like one with a broken ring, nothing else. Each such stall held the daemon
+    for the guard's timeout, so the device then refuses connects for a while
+    (StallBackoff): a new session is refused at once, and attaches after it."""
     async with open_session(daemon.config.socket, "evil") as s:
         raw, _ = await attach_raw(s, XVDA)
         ro, _ = await attach_raw(s, XVDB)
@@ -785,6 +787,12 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         _, ref2, _ = ro.page()
         assert await ro.call(rw_req(R, 2, 0, [(ref2, 0, 7)])) == [(2, R, OK)]
         await cotenant.progress(5)
+    async with open_session(daemon.config.socket, "evil") as s:
+        await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
+    async with open_session(daemon.config.socket, "evil") as s:
+        front, _ = await attach_blk(s)
+        await front.write(0, b"again")
+        assert await front.read(0, 5) == b"again"
 
 
 async def test_regression_two_queues_breaking_at_once_close_the_device_once(daemon, cotenant):

@@ -66,7 +66,13 @@ from tests.console_helpers import (
     write_all,
 )
 from tests.evtchn_helpers import blocked_send
-from tests.pvio_daemon import running_daemon, serving, wait_state, watchdog
+from tests.pvio_daemon import (
+    refused_while_backing_off,
+    running_daemon,
+    serving,
+    wait_state,
+    watchdog,
+)
 
 MIB = 1 << 20
 LIMIT = 1024
@@ -640,6 +646,8 @@ async def test_a_guest_that_blocks_our_notification_loses_only_that_console(daem
         with trio.fail_after(5):
             await device.closed.wait()
         await tenant.check()
+    async with open_session(daemon.config.socket, "evil") as s:
+        await refused_while_backing_off(daemon, s, open_console, "evil", "console", 0)
 
 
 def _flood_thread(fd: int, stop: threading.Event) -> int:
