@@ -173,10 +173,8 @@ class PoolBuffer:
             # A failed device's backend may still hold requests naming these
             # grants: keep them granted (never reused) and the pages aside.
             pool.quarantine(self.frame, self.npages)
-        elif all([front.session.gnttab.end_access(r) for r in self.refs]):
-            pool.free(self.frame, self.npages)
         else:
-            pool.quarantine(self.frame, self.npages)
+            pool.revoke_and_free(self.frame, self.npages, front.session.gnttab, self.refs)
 
 
 class BlkFront(RingFrontendDriver):
@@ -318,11 +316,9 @@ class BlkFront(RingFrontendDriver):
         self._fail_outstanding("device detached")
         for slot in self._slots:
             slot.pages.release()
-            refs = [*slot.refs, slot.indirect_ref]
-            if all([self.session.gnttab.end_access(r) for r in refs]):
-                self.session.pool.free(slot.frame, self._data_pages + 1)
-            else:
-                self.session.pool.quarantine(slot.frame, self._data_pages + 1)
+            self.session.pool.revoke_and_free(slot.frame, self._data_pages + 1,
+                                              self.session.gnttab,
+                                              [*slot.refs, slot.indirect_ref])
         self._slots, self._free = [], []
         self._slot_waiters.unpark_all()  # they find no slots and fail
         await super().detach()

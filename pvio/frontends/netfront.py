@@ -313,10 +313,7 @@ class NetFront(RingFrontendDriver):
             view.release()
         self._wholes = []
         for first, refs in self._buffers:
-            if all([self.session.gnttab.end_access(r) for r in refs]):
-                self.session.pool.free(first, len(refs))
-            else:
-                self.session.pool.quarantine(first, len(refs))
+            self.session.pool.revoke_and_free(first, len(refs), self.session.gnttab, refs)
         self._buffers = []
         self._q = []
         super().release_transport()

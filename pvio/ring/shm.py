@@ -188,6 +188,16 @@ class PagePool:
                     merged.append((start, n))
             self._free = merged
 
+    def revoke_and_free(self, frame: int, count: int, gnttab, refs) -> bool:
+        """End every grant in ``refs`` (``gnttab``'s grants of these pages),
+        then free the pages; if any grant cannot be ended (the peer still maps
+        the page), quarantine them instead (XSA-396). True if freed."""
+        if all([gnttab.end_access(r) for r in refs]):  # every ref, even after a failure
+            self.free(frame, count)
+            return True
+        self.quarantine(frame, count)
+        return False
+
     def quarantine(self, frame: int, count: int = 1) -> None:
         """Retire pages a peer still has mapped: they are never reused."""
         with self._lock:

@@ -366,12 +366,10 @@ class RingFrontendDriver:
         maps are quarantined, XSA-396), close the event channels."""
         for queue in self.queues:
             for frame, pages, refs in queue.areas:
-                if all([self.session.gnttab.end_access(r) for r in refs]):
-                    self.session.pool.free(frame, pages)
-                else:
+                if not self.session.pool.revoke_and_free(frame, pages, self.session.gnttab,
+                                                         refs):
                     log.warning("%s: backend still maps frames %d+%d; quarantined",
                                 self.type, frame, pages)
-                    self.session.pool.quarantine(frame, pages)
             for channel in {queue.channel, queue.rx_channel} - {None}:
                 self.session.evtchn.close(channel.port)
         self.queues = []

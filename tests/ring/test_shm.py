@@ -192,6 +192,41 @@ def test_quarantined_pages_are_never_reused(pool):
         pool.alloc()
 
 
+def test_revoke_and_free_quarantines_pages_the_peer_still_maps(pool):
+    """The one revoke-then-free of blkfront, netfront and ringdev: pages whose
+    grants all end are freed; if the peer still maps one, the pages are
+    quarantined, and the other grants end anyway."""
+    from pvio.ring import GrantMapper, GrantTable
+
+    gnttab = GrantTable.create(64, name="test-revoke")
+    try:
+        mapper = GrantMapper(gnttab.shm, pool.shm, domid=1)
+        frame = pool.alloc(2)
+        refs = [gnttab.grant_access(1, frame + i) for i in range(2)]
+        mapper.pin(refs[1], writable=True)  # the peer still maps the second page
+        assert pool.revoke_and_free(frame, 2, gnttab, refs) is False
+        assert pool.quarantined == 2
+        assert gnttab.entry(refs[0]).flags == 0 and gnttab.entry(refs[1]).flags != 0
+        assert frame not in [pool.alloc() for _ in range(14)]
+        mapper.unpin(refs[1], writable=True)
+    finally:
+        gnttab.close()
+
+
+def test_revoke_and_free_frees_pages_whose_grants_end(pool):
+    from pvio.ring import GrantTable
+
+    gnttab = GrantTable.create(64, name="test-revoke")
+    try:
+        frame = pool.alloc(3)
+        refs = [gnttab.grant_access(1, frame + i) for i in range(3)]
+        assert pool.revoke_and_free(frame, 3, gnttab, refs) is True
+        assert pool.free_pages == 16 and pool.quarantined == 0
+        assert all(gnttab.entry(r).flags == 0 for r in refs)
+    finally:
+        gnttab.close()
+
+
 def test_double_free_is_refused(pool):
     """Freeing a free page would hand it out twice: two owners of one granted page."""
     frame = pool.alloc()
