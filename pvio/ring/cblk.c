@@ -15,6 +15,7 @@
  * request on its reference path (which logs why) and calls again after it.
  * Requests are served in ring order, so nothing overtakes a barrier. */
 
+#include <stddef.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
@@ -26,6 +27,15 @@
 #define BLK_SEGS_PER_FRAME 512u
 #define BLK_MAX_INDIRECT_PAGES 8u
 #define BLK_FAST_SEGS 1024u  /* IOV_MAX: longer requests take the reference path */
+/* The blkif.h limits, checked against the structs generated from pvio/layouts.py. */
+#define BLK_ARRAY_LEN(T, f) (sizeof(((T *)0)->f) / sizeof(((T *)0)->f[0]))
+_Static_assert(BLK_MAX_SEGS == BLK_ARRAY_LEN(struct pvio_blkif_request, seg),
+               "BLKIF_MAX_SEGMENTS_PER_REQUEST");
+_Static_assert(BLK_MAX_INDIRECT_PAGES
+               == BLK_ARRAY_LEN(struct pvio_blkif_request_indirect, indirect_grefs),
+               "BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST");
+_Static_assert(BLK_SEGS_PER_FRAME == PVIO_PAGE / sizeof(struct pvio_blkif_request_segment),
+               "BLKIF_SEGS_PER_INDIRECT_FRAME");
 
 struct blk_pinned {
     uint32_t n;
@@ -67,7 +77,7 @@ static int blk_serve_one(pvio_blk_ctx *c, const uint8_t *raw)
     const struct pvio_blkif_request_segment *seg;
     uint32_t nseg, i, niov = 0, spp, ss = c->sector_size;
     uint64_t total = 0, start, end;
-    int op = raw[0], writable, flags;
+    int op = req->operation, writable, flags;
     ssize_t got;
 
     if (op == BLK_OP_READ || op == BLK_OP_WRITE) {
@@ -159,8 +169,8 @@ uint32_t pvio_blk_serve(pvio_blk_ctx *ctx, const uint8_t *reqs, uint32_t first, 
             break;
         }
         memset(rsp, 0, sizeof(*rsp));  /* no stale bytes in the padding (XSA-216) */
-        memcpy(&rsp->id, raw + 8, 8);
-        rsp->operation = raw[0];
+        memcpy(&rsp->id, raw + offsetof(struct pvio_blkif_request, id), sizeof(rsp->id));
+        rsp->operation = raw[offsetof(struct pvio_blkif_request, operation)];
         rsp->status = 0;  /* BLKIF_RSP_OKAY */
     }
     return i - first;

@@ -4,6 +4,7 @@
  * the tests run side by side with these). */
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -36,10 +37,42 @@ static inline uint32_t net_ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4)
 static inline void net_st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void net_st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
+/* Slot layouts: struct pvio_netif_* are generated from pvio/layouts.py
+ * (pvio/_cgen.py, prepended by _build.py), so every field offset and slot
+ * size below comes from the construct declarations. The slots are byte
+ * buffers with no alignment promise: fields go through net_ld / net_st.
+ * NET_SIZE(T): the size of a slot of type T, the stride of an array of them;
+ * NET_OFF(T, f): offset of field f (u.gso.size etc. for the extra-info union);
+ * NET_FIELD(p, T, f): address of field f of the slot of type T at p. */
+#define NET_SIZE(T) sizeof(struct pvio_netif_##T)
+#define NET_OFF(T, f) offsetof(struct pvio_netif_##T, f)
+#define NET_FIELD(p, T, f) ((p) + NET_OFF(T, f))
+#define NET_SLOT(base, T, i) ((base) + NET_SIZE(T) * (i))
+
+/* An extra-info slot takes the place of a TX request, or of an RX response. */
+_Static_assert(NET_SIZE(extra_info) <= NET_SIZE(tx_request), "extra info in a TX request slot");
+_Static_assert(NET_SIZE(extra_info) <= NET_SIZE(rx_response), "extra info in an RX response slot");
+
 static inline void net_tx_rsp(uint8_t *rsp, uint32_t slot, uint16_t id, int16_t status)
 {
-    net_st16(rsp + 4 * slot, id);
-    net_st16(rsp + 4 * slot + 2, (uint16_t)status);
+    uint8_t *o = NET_SLOT(rsp, tx_response, slot);
+    net_st16(NET_FIELD(o, tx_response, id), id);
+    net_st16(NET_FIELD(o, tx_response, status), (uint16_t)status);
+}
+
+static inline int16_t net_tx_rsp_status(const uint8_t *rsp, uint32_t slot)
+{
+    return (int16_t)net_ld16(NET_FIELD(NET_SLOT(rsp, tx_response, slot), tx_response, status));
+}
+
+/* A refused packet: every response of its slots that is not NULL says ERROR. */
+static inline void net_tx_rsp_errors(uint8_t *rsp, uint32_t first, uint32_t end)
+{
+    uint32_t k;
+    for (k = first; k < end; k++)
+        if (net_tx_rsp_status(rsp, k) != NRSP_NULL)
+            net_st16(NET_FIELD(NET_SLOT(rsp, tx_response, k), tx_response, status),
+                     (uint16_t)(int16_t)NRSP_ERROR);
 }
 
 #define NET_PROBLEM(code, a, b) do { if (!reason) { reason = (code); arg0 = (a); arg1 = (b); } } while (0)
@@ -51,26 +84,29 @@ int64_t pvio_net_tx_assemble(const uint8_t *slots, uint32_t n, uint32_t max_slot
     uint32_t i = 0, npk = 0, nfrags = 0, good = 0, bad = 0, offl = 0;
     uint64_t bytes = 0;
     while (i < n) {
-        const uint8_t *s = slots + 12 * i;
-        uint32_t gref = net_ld32(s), offset = net_ld16(s + 4), flags = net_ld16(s + 6);
-        uint32_t total = net_ld16(s + 10), rest = 0;
+        const uint8_t *s = NET_SLOT(slots, tx_request, i);
+        uint32_t gref = net_ld32(NET_FIELD(s, tx_request, gref));
+        uint32_t offset = net_ld16(NET_FIELD(s, tx_request, offset));
+        uint32_t flags = net_ld16(NET_FIELD(s, tx_request, flags));
+        uint32_t total = net_ld16(NET_FIELD(s, tx_request, size)), rest = 0;
         uint32_t reason = 0, arg0 = 0, arg1 = 0, gso_type = 0, gso_size = 0;
         uint32_t slot0 = i, frag0 = nfrags, nresp = 1, k;
         uint32_t *p = pinfo + PVIO_NET_TXP_N * npk;
         int more_extras = (flags & NTXF_EXTRA_INFO) != 0, more;
-        net_tx_rsp(rsp, i, net_ld16(s + 8), NRSP_OKAY);
+        net_tx_rsp(rsp, i, net_ld16(NET_FIELD(s, tx_request, id)), NRSP_OKAY);
         i++;
         while (more_extras) {
             const uint8_t *e;
             uint32_t etype, eflags, esize, etype_gso;
             if (i >= n)
                 return PVIO_NET_TX_FATAL_EXTRA;
-            e = slots + 12 * i;
-            etype = e[0];
-            eflags = e[1];
-            esize = net_ld16(e + 2);
-            etype_gso = e[4];
-            net_tx_rsp(rsp, i, net_ld16(e + 8), NRSP_NULL);
+            e = NET_SLOT(slots, tx_request, i);
+            etype = e[NET_OFF(extra_info, type)];
+            eflags = e[NET_OFF(extra_info, flags)];
+            esize = net_ld16(NET_FIELD(e, extra_info, u.gso.size));
+            etype_gso = e[NET_OFF(extra_info, u.gso.type)];
+            /* its response's id: the slot's bytes at a TX request's id (past the extra) */
+            net_tx_rsp(rsp, i, net_ld16(NET_FIELD(e, tx_request, id)), NRSP_NULL);
             nresp++;
             i++;
             more_extras = (eflags & NEXTRA_FLAG_MORE) != 0;
@@ -104,16 +140,16 @@ int64_t pvio_net_tx_assemble(const uint8_t *slots, uint32_t n, uint32_t max_slot
                 NET_PROBLEM(PVIO_NET_TX_TOO_MANY_SLOTS, max_slots, 0);
             if (i >= n)
                 return PVIO_NET_TX_FATAL_MORE;
-            f = slots + 12 * i;
-            net_tx_rsp(rsp, i, net_ld16(f + 8), NRSP_OKAY);
+            f = NET_SLOT(slots, tx_request, i);
+            net_tx_rsp(rsp, i, net_ld16(NET_FIELD(f, tx_request, id)), NRSP_OKAY);
             nresp++;
             /* frags has room for n entries: one per slot at most */
-            frags[3 * nfrags] = net_ld32(f);
-            frags[3 * nfrags + 1] = net_ld16(f + 4);
-            frags[3 * nfrags + 2] = net_ld16(f + 10);
-            rest += net_ld16(f + 10);
+            frags[3 * nfrags] = net_ld32(NET_FIELD(f, tx_request, gref));
+            frags[3 * nfrags + 1] = net_ld16(NET_FIELD(f, tx_request, offset));
+            frags[3 * nfrags + 2] = net_ld16(NET_FIELD(f, tx_request, size));
+            rest += net_ld16(NET_FIELD(f, tx_request, size));
             nfrags++;
-            more = (net_ld16(f + 6) & NTXF_MORE_DATA) != 0;
+            more = (net_ld16(NET_FIELD(f, tx_request, flags)) & NTXF_MORE_DATA) != 0;
             i++;
         }
         if (!reason) {
@@ -143,9 +179,7 @@ int64_t pvio_net_tx_assemble(const uint8_t *slots, uint32_t n, uint32_t max_slot
         p[PVIO_NET_TXP_SLOT0] = slot0;
         p[PVIO_NET_TXP_NSLOTS] = i - slot0;
         if (reason) {
-            for (k = slot0; k < i; k++)
-                if ((int16_t)net_ld16(rsp + 4 * k + 2) != NRSP_NULL)
-                    net_st16(rsp + 4 * k + 2, (uint16_t)(int16_t)NRSP_ERROR);
+            net_tx_rsp_errors(rsp, slot0, i);
             nfrags = frag0;
             p[PVIO_NET_TXP_DATA_OFF] = 0;
             p[PVIO_NET_TXP_FRAG0] = frag0;
@@ -213,13 +247,11 @@ int64_t pvio_net_tx_batch(const pvio_net_gnt *g, const uint8_t *slots, uint32_t 
             int32_t st = net_copy1(g, frags[3 * k], frags[3 * k + 1], frags[3 * k + 2], data,
                                    data_cap, pos, 0);
             if (st != 0) {
-                uint32_t s;
                 p[PVIO_NET_TXP_REASON] = PVIO_NET_TX_GRANT;
                 p[PVIO_NET_TXP_ARG0] = (uint32_t)st;
                 p[PVIO_NET_TXP_ARG1] = frags[3 * k];
-                for (s = p[PVIO_NET_TXP_SLOT0]; s < p[PVIO_NET_TXP_SLOT0] + p[PVIO_NET_TXP_NSLOTS]; s++)
-                    if ((int16_t)net_ld16(rsp + 4 * s + 2) != NRSP_NULL)
-                        net_st16(rsp + 4 * s + 2, (uint16_t)(int16_t)NRSP_ERROR);
+                net_tx_rsp_errors(rsp, p[PVIO_NET_TXP_SLOT0],
+                                  p[PVIO_NET_TXP_SLOT0] + p[PVIO_NET_TXP_NSLOTS]);
                 summary[PVIO_NET_TXS_GOOD]--;
                 summary[PVIO_NET_TXS_BAD]++;
                 summary[PVIO_NET_TXS_BYTES] -= p[PVIO_NET_TXP_SIZE];
@@ -273,23 +305,23 @@ int64_t pvio_net_rx_fill(const pvio_net_gnt *g, const uint8_t *reqs, uint32_t nr
         int32_t failed = 0;
         uint32_t failed_ref = 0;
         for (c = 0; c < chunks; c++) {
-            const uint8_t *q = reqs + 8 * slot;
-            uint16_t id = net_ld16(q);
-            uint32_t gref = net_ld32(q + 4);
+            const uint8_t *q = NET_SLOT(reqs, rx_request, slot);
+            uint16_t id = net_ld16(NET_FIELD(q, rx_request, id));
+            uint32_t gref = net_ld32(NET_FIELD(q, rx_request, gref));
             uint32_t size = len - c * PVIO_NET_PAGE;
             uint32_t f = c == 0 ? flags : 0;
             int32_t st;
-            uint8_t *o = rsp + 8 * slot;
+            uint8_t *o = NET_SLOT(rsp, rx_response, slot);
             if (size > PVIO_NET_PAGE)
                 size = PVIO_NET_PAGE;
             if (c < chunks - 1)
                 f |= NRXF_MORE_DATA;
             if (c == 0 && gso)
                 f |= NRXF_EXTRA_INFO;
-            net_st16(o, id);
-            net_st16(o + 2, 0);
-            net_st16(o + 4, (uint16_t)f);
-            net_st16(o + 6, (uint16_t)size);
+            net_st16(NET_FIELD(o, rx_response, id), id);
+            net_st16(NET_FIELD(o, rx_response, offset), 0);
+            net_st16(NET_FIELD(o, rx_response, flags), (uint16_t)f);
+            net_st16(NET_FIELD(o, rx_response, status), (uint16_t)size);
             st = net_copy1(g, gref, 0, size, (uint8_t *)data, data_size, (uint32_t)pos, 1);
             if (st != 0 && !failed) {
                 failed = st;
@@ -298,13 +330,13 @@ int64_t pvio_net_rx_fill(const pvio_net_gnt *g, const uint8_t *reqs, uint32_t nr
             pos += size;
             slot++;
             if (c == 0 && gso) {
-                uint8_t *x = rsp + 8 * slot;
-                x[0] = NEXTRA_GSO;
-                x[1] = 0;
-                net_st16(x + 2, (uint16_t)(meta[2 * p + 1]));
-                x[4] = (uint8_t)gso;
-                x[5] = 0;
-                net_st16(x + 6, 0);
+                uint8_t *x = NET_SLOT(rsp, rx_response, slot);
+                x[NET_OFF(extra_info, type)] = NEXTRA_GSO;
+                x[NET_OFF(extra_info, flags)] = 0;
+                net_st16(NET_FIELD(x, extra_info, u.gso.size), (uint16_t)(meta[2 * p + 1]));
+                x[NET_OFF(extra_info, u.gso.type)] = (uint8_t)gso;
+                x[NET_OFF(extra_info, u.gso.pad)] = 0;
+                net_st16(NET_FIELD(x, extra_info, u.gso.features), 0);
                 slot++;
             }
         }
@@ -313,7 +345,8 @@ int64_t pvio_net_rx_fill(const pvio_net_gnt *g, const uint8_t *reqs, uint32_t nr
         if (failed) {  /* every fragment slot of the packet says ERROR */
             uint32_t s = first;
             for (c = 0; c < chunks; c++) {
-                net_st16(rsp + 8 * s + 6, (uint16_t)(int16_t)NRSP_ERROR);
+                net_st16(NET_FIELD(NET_SLOT(rsp, rx_response, s), rx_response, status),
+                         (uint16_t)(int16_t)NRSP_ERROR);
                 s += (c == 0 && gso) ? 2 : 1;
             }
         } else {
@@ -345,11 +378,11 @@ void pvio_netfront_tx_init(pvio_netfront_tx *t, uint32_t nr, uint16_t *free_ids,
 static inline void net_tx_req(uint8_t *o, uint32_t gref, uint16_t off, uint16_t flags,
                               uint16_t id, uint16_t size)
 {
-    net_st32(o, gref);
-    net_st16(o + 4, off);
-    net_st16(o + 6, flags);
-    net_st16(o + 8, id);
-    net_st16(o + 10, size);
+    net_st32(NET_FIELD(o, tx_request, gref), gref);
+    net_st16(NET_FIELD(o, tx_request, offset), off);
+    net_st16(NET_FIELD(o, tx_request, flags), flags);
+    net_st16(NET_FIELD(o, tx_request, id), id);
+    net_st16(NET_FIELD(o, tx_request, size), size);
 }
 
 /* Queue one frame of len bytes on the TX ring: its chunks go in the pages of
@@ -375,15 +408,15 @@ static uint32_t tx_queue_frame(pvio_netfront_tx *t, uint8_t *req, const uint8_t 
             f |= NTXF_MORE_DATA;
         if (c == 0 && gso)
             f |= NTXF_EXTRA_INFO;
-        net_tx_req(req + 12 * used, t->refs[id], 0, (uint16_t)f, id,
+        net_tx_req(NET_SLOT(req, tx_request, used), t->refs[id], 0, (uint16_t)f, id,
                    (uint16_t)(c == 0 ? len : size));
         used++;
         if (c == 0 && gso) {
-            uint8_t *x = req + 12 * used;
-            memset(x, 0, 12);
-            x[0] = NEXTRA_GSO;
-            net_st16(x + 2, gso_size);
-            x[4] = (uint8_t)gso;
+            uint8_t *x = NET_SLOT(req, tx_request, used);
+            memset(x, 0, NET_SIZE(tx_request));
+            x[NET_OFF(extra_info, type)] = NEXTRA_GSO;
+            net_st16(NET_FIELD(x, extra_info, u.gso.size), gso_size);
+            x[NET_OFF(extra_info, u.gso.type)] = (uint8_t)gso;
             used++;
         }
     }
@@ -403,8 +436,8 @@ uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const ui
         uint32_t slots = chunks + (gso ? 1 : 0);
         if (chunks > t->nfree || slots > free_slots - slots_used)
             break;
-        slots_used += tx_queue_frame(t, req + 12 * slots_used, data + pos, len, csum, gso,
-                                     meta ? (uint16_t)meta[2 * fr + 1] : 0);
+        slots_used += tx_queue_frame(t, NET_SLOT(req, tx_request, slots_used), data + pos, len,
+                                     csum, gso, meta ? (uint16_t)meta[2 * fr + 1] : 0);
         pos += len;
         placed_bytes += len;
     }
@@ -568,7 +601,7 @@ int64_t pvio_netfront_tx_from_vnet_fd(pvio_netfront_tx *t, int fd, uint32_t max_
         }
         gso = (uint32_t)meta >> 16;
         f0 = (uint32_t)meta & (NTXF_CSUM_BLANK | NTXF_DATA_VALIDATED);
-        slots_used += tx_queue_frame(t, req + 12 * slots_used, NULL, len, f0, gso,
+        slots_used += tx_queue_frame(t, NET_SLOT(req, tx_request, slots_used), NULL, len, f0, gso,
                                      net_ld16(hdr + 4));  /* read into the pages already */
         placed++;
         placed_bytes += len;
@@ -583,8 +616,8 @@ int64_t pvio_netfront_tx_done(pvio_netfront_tx *t, const uint8_t *rsp, uint32_t 
 {
     uint32_t k, freed = 0, errs = 0;
     for (k = 0; k < n; k++) {
-        uint16_t id = net_ld16(rsp + 4 * k);
-        int16_t status = (int16_t)net_ld16(rsp + 4 * k + 2);
+        uint16_t id = net_ld16(NET_FIELD(NET_SLOT(rsp, tx_response, k), tx_response, id));
+        int16_t status = net_tx_rsp_status(rsp, k);
         if (status == NRSP_NULL)
             continue;
         if (id >= t->nr || !t->in_flight[id]) {
@@ -612,9 +645,11 @@ int64_t pvio_netfront_rx_parse(const uint8_t *raw, uint32_t n, uint32_t first_sl
     *used = 0;
     while (i < n) {
         uint32_t start = i, ch0 = nch, c;
-        const uint8_t *r = raw + 8 * i;
-        uint32_t rid = net_ld16(r), offset = net_ld16(r + 2), flags = net_ld16(r + 4);
-        int32_t status = (int16_t)net_ld16(r + 6);
+        const uint8_t *r = NET_SLOT(raw, rx_response, i);
+        uint32_t rid = net_ld16(NET_FIELD(r, rx_response, id));
+        uint32_t offset = net_ld16(NET_FIELD(r, rx_response, offset));
+        uint32_t flags = net_ld16(NET_FIELD(r, rx_response, flags));
+        int32_t status = (int16_t)net_ld16(NET_FIELD(r, rx_response, status));
         int32_t error = 0;
         uint32_t oflags = 0, gso_type = 0, gso_size = 0, len = 0;
         int extra = (flags & NRXF_EXTRA_INFO) != 0, complete = 0;
@@ -656,11 +691,11 @@ int64_t pvio_netfront_rx_parse(const uint8_t *raw, uint32_t n, uint32_t first_sl
                 uint32_t etype, eflags, esize, egso;
                 if (i >= n)
                     break;
-                e = raw + 8 * i;
-                etype = e[0];
-                eflags = e[1];
-                esize = net_ld16(e + 2);
-                egso = e[4];
+                e = NET_SLOT(raw, rx_response, i);
+                etype = e[NET_OFF(extra_info, type)];
+                eflags = e[NET_OFF(extra_info, flags)];
+                esize = net_ld16(NET_FIELD(e, extra_info, u.gso.size));
+                egso = e[NET_OFF(extra_info, u.gso.type)];
                 if (etype != NEXTRA_GSO || !gso_ok || (egso != NGSO_TCPV4 && egso != NGSO_TCPV6)
                         || esize == 0) {
                     err[0] = PVIO_NETFRONT_RX_BAD_EXTRA;
@@ -689,11 +724,11 @@ int64_t pvio_netfront_rx_parse(const uint8_t *raw, uint32_t n, uint32_t first_sl
             }
             if (i >= n)
                 break;
-            r = raw + 8 * i;
-            rid = net_ld16(r);
-            offset = net_ld16(r + 2);
-            flags = net_ld16(r + 4);
-            status = (int16_t)net_ld16(r + 6);
+            r = NET_SLOT(raw, rx_response, i);
+            rid = net_ld16(NET_FIELD(r, rx_response, id));
+            offset = net_ld16(NET_FIELD(r, rx_response, offset));
+            flags = net_ld16(NET_FIELD(r, rx_response, flags));
+            status = (int16_t)net_ld16(NET_FIELD(r, rx_response, status));
         }
         if (!complete) {
             *used = start;
@@ -737,8 +772,9 @@ void pvio_netfront_rx_posts(uint32_t start, uint32_t n, uint32_t nr_ents,
     uint32_t k;
     for (k = 0; k < n; k++) {
         uint32_t id = (start + k) % nr_ents;
-        net_st16(out + 8 * k, (uint16_t)id);
-        net_st16(out + 8 * k + 2, 0);
-        net_st32(out + 8 * k + 4, refs[id]);
+        uint8_t *o = NET_SLOT(out, rx_request, k);
+        net_st16(NET_FIELD(o, rx_request, id), (uint16_t)id);
+        net_st16(NET_FIELD(o, rx_request, pad), 0);
+        net_st32(NET_FIELD(o, rx_request, gref), refs[id]);
     }
 }

@@ -54,11 +54,12 @@ typedef struct {
     uint32_t *wr_pins;
 } pvio_net_gnt;
 
-/* Assemble and validate a batch of n TX request slots (12 bytes each) into
- * packets, as pvio.netif.assemble does (Linux xenvif_count_requests /
- * get_extras / tx_build_gops, XSA-423/432/448). pinfo gets PVIO_NET_TXP_N
- * u32 per packet (at most n packets); rsp gets one 4-byte netif_tx_response
- * per slot, in slot order (NULL for extras, ERROR for every slot of a refused
+/* Assemble and validate a batch of n TX request slots (a struct
+ * pvio_netif_tx_request each; an extra info takes a whole slot) into packets,
+ * as pvio.netif.assemble does (Linux xenvif_count_requests / get_extras /
+ * tx_build_gops, XSA-423/432/448). pinfo gets PVIO_NET_TXP_N u32 per packet
+ * (at most n packets); rsp gets one struct pvio_netif_tx_response per slot,
+ * in slot order (NULL for extras, ERROR for every slot of a refused
  * packet); frags gets (ref, offset, len) per non-empty fragment of accepted
  * packets. Accepted packets get consecutive data_off (their sizes back to
  * back). gso_mask: bit t set = GSO type t negotiated; min_len: the shortest
@@ -82,11 +83,12 @@ int64_t pvio_net_tx_batch(const pvio_net_gnt *g, const uint8_t *slots, uint32_t 
                           uint32_t *nruns);
 
 /* RX fill (backend): npkts frames (lens[i] bytes each, back to back in data)
- * into the nreqs RX requests (8 bytes each) the frontend posted, in order:
- * one response per request in the request's slot, a page per fragment, a GSO
- * extra after the first fragment of a GSO frame. meta: NULL, or 2 u32 per
- * frame: NETRXF_* flags of the first response | gso_type << 16, gso_size.
- * rsp gets 8 bytes per slot used. A frame whose copy failed has every fragment
+ * into the nreqs RX requests (a struct pvio_netif_rx_request each) the
+ * frontend posted, in order: one response per request in the request's slot,
+ * a page per fragment, a GSO extra after the first fragment of a GSO frame.
+ * meta: NULL, or 2 u32 per frame: NETRXF_* flags of the first response |
+ * gso_type << 16, gso_size. rsp gets a struct pvio_netif_rx_response (or the
+ * extra info) per slot used. A frame whose copy failed has every fragment
  * answered ERROR: pkt_status[i] gets its GNTST (0 when fine) and pkt_ref[i]
  * the ref that failed. *ok_bytes: bytes of the frames delivered. Returns the
  * slots used, or -1 if the requests do not cover the frames (nothing written
@@ -112,18 +114,19 @@ typedef struct {
 void pvio_netfront_tx_init(pvio_netfront_tx *t, uint32_t nr, uint16_t *free_ids,
                            uint8_t *in_flight, uint8_t *pages, const uint32_t *refs);
 /* Copy frames (lens[i] bytes, back to back in data) into free TX pages and
- * write their requests (12 bytes per slot) to req: a page-sized fragment per
- * slot chained by NETTXF_more_data, a GSO extra after the first. meta: NULL or
- * 2 u32 per frame: NETTXF_* csum flags | gso_type << 16, gso_size. Stops at the
- * first frame that does not fit in the free ids or free_slots. *nreq: slots
- * written; *bytes: bytes placed. Returns the frames placed. */
+ * write their requests (a struct pvio_netif_tx_request per slot) to req: a
+ * page-sized fragment per slot chained by NETTXF_more_data, a GSO extra after
+ * the first. meta: NULL or 2 u32 per frame: NETTXF_* csum flags | gso_type <<
+ * 16, gso_size. Stops at the first frame that does not fit in the free ids or
+ * free_slots. *nreq: slots written; *bytes: bytes placed. Returns the frames
+ * placed. */
 uint32_t pvio_netfront_tx_put(pvio_netfront_tx *t, const uint8_t *data, const uint32_t *lens,
                               const uint32_t *meta, uint32_t nframes, uint32_t free_slots,
                               uint8_t *req, uint32_t *nreq, uint64_t *bytes);
-/* Account n TX responses (4 bytes each): ids back to the free stack; NULL
- * responses skipped. *errors: non-OKAY statuses. Returns the ids freed, or
- * -1 - k if response k names an id not in flight (*bad_id: that id; the
- * responses before k are accounted). */
+/* Account n TX responses (a struct pvio_netif_tx_response each): ids back to
+ * the free stack; NULL responses skipped. *errors: non-OKAY statuses. Returns
+ * the ids freed, or -1 - k if response k names an id not in flight (*bad_id:
+ * that id; the responses before k are accounted). */
 int64_t pvio_netfront_tx_done(pvio_netfront_tx *t, const uint8_t *rsp, uint32_t n,
                               uint32_t *errors, uint32_t *bad_id);
 
@@ -172,9 +175,10 @@ enum {
     PVIO_NETFRONT_RXP_NCHUNKS = 8, PVIO_NETFRONT_RXP_N = 9
 };
 
-/* Split n RX responses (8 bytes each, private copies; the first sits in ring
- * slot first_slot) into packets, as pvio.netif.parse_rx_responses does. pkts
- * gets PVIO_NETFRONT_RXP_N u32 per packet (flags: 1 csum_blank, 2
+/* Split n RX responses (a struct pvio_netif_rx_response each, private copies;
+ * the first sits in ring slot first_slot) into packets, as
+ * pvio.netif.parse_rx_responses does. pkts gets PVIO_NETFRONT_RXP_N u32 per
+ * packet (flags: 1 csum_blank, 2
  * data_validated; error: the packet's first negative status, as int32);
  * chunks gets (slot, offset, length, id) per response carrying data. With
  * nr_ents > 0, a chunk's id must be its slot % nr_ents (Linux netfront finds
@@ -188,6 +192,7 @@ int64_t pvio_netfront_rx_parse(const uint8_t *raw, uint32_t n, uint32_t first_sl
                                uint32_t *chunks, uint32_t *used, uint32_t *err);
 
 /* RX requests re-posting n slots from ring index start, each for its own page
- * (id = slot % nr_ents, gref = refs[id]), 8 bytes each into out. */
+ * (id = slot % nr_ents, gref = refs[id]), a struct pvio_netif_rx_request each
+ * into out. */
 void pvio_netfront_rx_posts(uint32_t start, uint32_t n, uint32_t nr_ents,
                             const uint32_t *refs, uint8_t *out);

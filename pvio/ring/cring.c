@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <poll.h>
@@ -943,8 +944,14 @@ uint32_t pvio_flex_queued(uint32_t prod, uint32_t cons, uint32_t ring_size)
 
 static struct pvio_grant_entry_v1 *gnt_entry(uint8_t *table, uint32_t ref)
 {
-    return (struct pvio_grant_entry_v1 *)(table + (size_t)ref * 8u);
+    return (struct pvio_grant_entry_v1 *)(table
+                                          + (size_t)ref * sizeof(struct pvio_grant_entry_v1));
 }
+
+/* pvio_gnt_pin's CMPXCHG word: flags in its low half, domid in its high half. */
+_Static_assert(offsetof(struct pvio_grant_entry_v1, flags) == 0
+               && offsetof(struct pvio_grant_entry_v1, domid) == 2,
+               "grant_entry_v1: flags then domid, one 32-bit word");
 
 /* Granter: domid and frame first, wmb, then flags (grant_table.h). */
 void pvio_gnt_grant(uint8_t *table, uint32_t ref, uint16_t domid, uint32_t frame,

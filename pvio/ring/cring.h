@@ -7,7 +7,7 @@
  * front_ring/back_ring), plus the first protocol violation seen. */
 typedef struct {
     struct pvio_sring_header *sring;  /* the shared page(s) */
-    uint8_t *slots;                   /* sring + 64: ring[] */
+    uint8_t *slots;                   /* sring + sizeof(struct pvio_sring_header): ring[] */
     uint32_t nr_ents;                 /* power of two */
     uint32_t slot_size;               /* sizeof(union X_sring_entry) */
     uint32_t prod_pvt;                /* front: req_prod_pvt, back: rsp_prod_pvt */
