@@ -36,8 +36,17 @@ TX_REQ = struct.Struct(_cgen.struct_format(layouts.netif_tx_request))  # gref of
 TX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_tx_response))  # id status
 RX_REQ = struct.Struct(_cgen.struct_format(layouts.netif_rx_request))  # id pad gref
 RX_RSP = struct.Struct(_cgen.struct_format(layouts.netif_rx_response))  # id offset flags status
-EXTRA = struct.Struct("<BBHBBH")  # type, flags, gso.size, gso.type, gso.pad, gso.features
+# netif_extra_info with its union read as the GSO member: type, flags, gso.size,
+# gso.type, gso.pad, gso.features ("<BB6s" with "6s" replaced by the member).
+_EXTRA_HEAD = _cgen.struct_format(layouts.netif_extra_info)
+EXTRA = struct.Struct(_EXTRA_HEAD.removesuffix("6s")
+                      + _cgen.struct_format(layouts.netif_extra_info_gso).removeprefix("<"))
+if not _EXTRA_HEAD.endswith("6s") or EXTRA.size != layouts.netif_extra_info.sizeof():
+    raise ImportError(f"netif_extra_info is not type, flags, a 6-byte union: {_EXTRA_HEAD}")
 TX_REQ_SIZE = TX_REQ.size
+#: Where an extra-info slot of the TX ring carries the id its NULL response
+#: echoes: the TX request's own ``id`` (netif.h: extra info in a request slot).
+TX_ID_OFFSET = _cgen.offsetof(layouts.netif_tx_request, "id")
 
 # Plain ints for the per-packet loops: IntFlag/IntEnum arithmetic costs a
 # Python-level call per operation, which showed in the daemon's profile.
@@ -118,7 +127,7 @@ def assemble(slots: memoryview, *, max_slots: int = MAX_SLOTS,
                 raise NetifFatal("extra-info chain runs past the published requests")
             raw = slots[i * TX_REQ_SIZE:(i + 1) * TX_REQ_SIZE]
             etype, eflags, gso_size, gso_type, body = _extra(raw)
-            responses.append((struct.unpack_from("<H", raw, 8)[0], RSP_NULL))
+            responses.append((struct.unpack_from("<H", raw, TX_ID_OFFSET)[0], RSP_NULL))
             i += 1
             more_extras = bool(eflags & layouts.XEN_NETIF_EXTRA_FLAG_MORE)
             if etype == EXTRA_GSO:
@@ -320,7 +329,7 @@ def gso_extra(rid: int, gso_size: int, gso_type: int, more: bool = False) -> byt
     raw = bytearray(TX_REQ_SIZE)
     EXTRA.pack_into(raw, 0, EXTRA_GSO,
                     layouts.XEN_NETIF_EXTRA_FLAG_MORE if more else 0, gso_size, gso_type, 0, 0)
-    struct.pack_into("<H", raw, 8, rid)
+    struct.pack_into("<H", raw, TX_ID_OFFSET, rid)
     return bytes(raw)
 
 
