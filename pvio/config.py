@@ -234,7 +234,7 @@ def parse(text: str, *, source: str = "config", socket: str | None = None,
         source=source,
         switch=_switch(raw.get("switch", {}), f"{source}: switch"),
         stall_backoff=_seconds(raw.get("stall_backoff", 1.0),
-                                   f"{source}: stall_backoff", 0, 3600),
+                                   f"{source}: stall_backoff", 0, 60),
     )
     for i, dom in enumerate(raw.get("domain", [])):
         where = f"{source}: domain[{i}]"

@@ -171,7 +171,7 @@ class Daemon:
         return self.backend_classes["vif"](domain, dev.options["mac"], self.switch,
                                            devid=dev.devid,
                                            queue_frames=self.config.switch.queue_frames,
-                                           spoof_check=dev.options["spoof_check"])
+                                           spoof_check=dev.options.get("spoof_check", True))
 
     def _backoff(self, name: str, dev) -> StallBackoff:
         """The stall record of a configured device: it outlives sessions."""

@@ -370,8 +370,7 @@ int pvio_evtchn_consume(int fd)
  * write non-blocking on our side (pwritev2 RWF_NOWAIT: EOPNOTSUPP), so the
  * guard bounds the wait instead: each write records when it started, and a
  * watchdog thread (pvio_send_guard_start) interrupts with a signal a write
- * that has waited longer than the timeout, if its thread sleeps (a write
- * preempted on a busy machine is late too, but runs). The write then fails with EINTR,
+ * that has waited longer than the timeout. The write then fails with EINTR,
  * which only a waiting eventfd write can return (eventfd_write looks for
  * signals only inside its wait), and the send fails with -ETIMEDOUT: the
  * caller disconnects that peer.
@@ -386,7 +385,6 @@ int pvio_evtchn_consume(int fd)
  * first send after that wakes it (one syscall). Cost per send otherwise: a
  * vDSO clock read, an uncontended lock and a few atomic operations. */
 #include <linux/futex.h>
-#include <stdio.h>
 #include <sys/syscall.h>
 
 #define PVIO_GUARD_SLOTS 128
@@ -398,7 +396,6 @@ struct pvio_guard_slot {
     _Atomic int used;
     int signalled;           /* under lock: the watchdog signalled this write */
     pthread_t thread;
-    pid_t tid;
 };
 
 static struct pvio_guard_slot guard_slots[PVIO_GUARD_SLOTS];
@@ -406,7 +403,7 @@ static _Atomic int guard_signo;  /* 0: the guard is off */
 static _Atomic int64_t guard_timeout_ns;
 static _Atomic uint64_t guard_sends;   /* sends begun: the watchdog's sign of life */
 static _Atomic int guard_parked;
-static _Atomic uint64_t guard_fired;   /* signals sent: writes the guard ended */
+static _Atomic uint64_t guard_fired;   /* writes the guard ended (EINTR) */
 static _Atomic uint32_t guard_bell;    /* futex word the parked watchdog sleeps on */
 static int guard_key_made;
 static pthread_key_t guard_key;
@@ -450,7 +447,6 @@ static struct pvio_guard_slot *guard_slot(void)
             if (atomic_compare_exchange_strong(&guard_slots[i].used, &free_, 1)) {
                 pthread_mutex_lock(&guard_slots[i].lock);
                 guard_slots[i].thread = pthread_self();
-                guard_slots[i].tid = (pid_t)syscall(SYS_gettid);
                 guard_slots[i].signalled = 0;
                 pthread_mutex_unlock(&guard_slots[i].lock);
                 pthread_setspecific(guard_key, &guard_slots[i]);
@@ -467,29 +463,6 @@ static struct pvio_guard_slot *guard_slot(void)
 static int guard_overdue(uint64_t since, uint64_t now, int64_t timeout)
 {
     return since && since < now && now - since > (uint64_t)timeout;
-}
-
-/* Whether one of our threads sleeps (/proc/self/task/TID/stat, the state
- * letter after the command name). A write that waits sleeps; one that is only
- * preempted, on a busy machine, runs ('R') and must not be signalled: it will
- * complete. Unknown (no /proc) counts as asleep. */
-static int thread_sleeps(pid_t tid)
-{
-    char path[64], buf[256];
-    const char *state;
-    ssize_t n;
-    int fd;
-    snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 1;
-    n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 1;
-    buf[n] = 0;
-    state = strrchr(buf, ')');
-    return state == NULL || state[1] != ' ' || state[2] == 'S';
 }
 
 static void *guard_watch(void *arg)
@@ -509,12 +482,11 @@ static void *guard_watch(void *arg)
             if (!since)
                 continue;
             busy = 1;
-            if (!guard_overdue(since, now, timeout) || !thread_sleeps(slot->tid))
+            if (!guard_overdue(since, now, timeout))
                 continue;
             pthread_mutex_lock(&slot->lock);  /* the writer clears since under it */
             if (atomic_load(&slot->since) == since && !slot->signalled) {
                 slot->signalled = 1;
-                atomic_fetch_add(&guard_fired, 1);
                 pthread_kill(slot->thread, atomic_load(&guard_signo));
             }
             pthread_mutex_unlock(&slot->lock);
@@ -586,7 +558,9 @@ int pvio_send_guard_start(int signo, int64_t timeout_ns)
     return rc;
 }
 
-/* How many writes the watchdog has signalled since the process started. */
+/* How many writes the guard has ended (interrupted after the timeout) since the
+ * process started. A write that was only late (its thread preempted on a busy
+ * machine) is signalled too, completes, and is not counted. */
 uint64_t pvio_send_guard_fired(void)
 {
     return atomic_load(&guard_fired);
@@ -633,7 +607,9 @@ int pvio_evtchn_write(int fd)
         signalled = slot->signalled;
         slot->signalled = 0;
         pthread_mutex_unlock(&slot->lock);
-        if (signalled && !(n < 0 && err == EINTR))
+        if (signalled && n < 0 && err == EINTR)
+            atomic_fetch_add(&guard_fired, 1);
+        else if (signalled)  /* it completed (late, preempted, not blocked) */
             guard_take_signal(signo);
     }
     if (n == (ssize_t)sizeof one)

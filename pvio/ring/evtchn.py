@@ -75,8 +75,8 @@ def guard_sends(timeout: float = 0.1, signo: int = GUARD_SIGNAL) -> None:
     a :class:`RemoteProtocolError`, and the service disconnects that peer.
 
     An honest send never waits, and an eventfd write that does not wait cannot
-    be interrupted (nor is it signalled: only a late write whose thread sleeps
-    is), so a short timeout has no false alarms; a signal sent just
+    be interrupted (a write late only because its thread was preempted
+    completes), so a short timeout has no false alarms; a signal sent just
     as a write completed is taken by that send, never by a later call. The
     watchdog scans twice per ``timeout`` while sends happen and sleeps after a
     second without any. Calling again changes the timeout; another ``signo``

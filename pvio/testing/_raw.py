@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pvio.testing._core import Violation
+from pvio.xenbus.device import DeviceError
+
 PAGE = 4096
 
 
@@ -27,5 +30,8 @@ async def attach_driver(session, driver, type_: str, devid: int, keys: tuple[str
     if devid not in offered:
         raise LookupError(f"no {type_} {devid} offered (offered: {sorted(offered)})")
     device = await session.attach(driver, devid, keys)
-    await device.wait_connected(timeout)
+    try:
+        await device.wait_connected(timeout)
+    except DeviceError as exc:  # the backend refused or closed the device: its failure
+        raise Violation(f"the backend closed the device before it connected: {exc}") from exc
     return driver, device

@@ -45,6 +45,12 @@ class DeviceError(Exception):
     """A device cannot connect (bad keys from the peer, missing resources)."""
 
 
+class DeviceStalledError(DeviceError):
+    """The peer stalled the daemon while the device connected: it blocked a
+    notification (the send guard ended it). The device backs off
+    (:class:`StallBackoff`) as after a stall while connected."""
+
+
 class Store(Protocol):
     """What the framework needs from a store: the daemon's local access or a client."""
 
@@ -147,14 +153,18 @@ class BackendDevice:
         it ``stalled`` the daemon (blocked a notification), refuse its connects
         for a while (:class:`StallBackoff`)."""
         self.status.last_error = reason
-        pause = self.backoff.strike(trio.current_time(), reason) if stalled else 0.0
+        if stalled:
+            self._stalled(reason)
+        await self.driver.disconnect()
+        if self.status.state not in (S.Closing, S.Closed):
+            await self._set_state(S.Closing)
+
+    def _stalled(self, reason: str) -> None:
+        pause = self.backoff.strike(trio.current_time(), reason)
         if pause:
             peer_log.warning(f"backoff:{self}", "%s: connects refused for %.0f s (the "
                              "frontend stalled the daemon %d time(s))", self, pause,
                              self.backoff.count)
-        await self.driver.disconnect()
-        if self.status.state not in (S.Closing, S.Closed):
-            await self._set_state(S.Closing)
 
     async def _set_state(self, state: S) -> None:
         self.status.history.append((self.status.state.name, state.name))
@@ -196,6 +206,8 @@ class BackendDevice:
         except (DeviceError, XenstoreError) as exc:
             self.status.last_error = str(exc)
             peer_log.warning(f"connect:{self}", "%s: cannot connect: %s", self, exc)
+            if isinstance(exc, DeviceStalledError):
+                self._stalled(str(exc))
             await self.driver.disconnect()
             await self._set_state(S.Closing)
             return

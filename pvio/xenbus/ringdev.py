@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from pvio.ring import (
     EventChannel,
+    EventChannelBlockedError,
     EventChannelTable,
     GrantError,
     GrantMapping,
     RemoteProtocolError,
 )
-from pvio.xenbus.device import DeviceError
+from pvio.xenbus.device import DeviceError, DeviceStalledError
 from pvio.xenbus.store import XenstoreError
 
 log = logging.getLogger("pvio.device")
@@ -222,6 +223,8 @@ class RingBackendDriver:
                 try:
                     channels.append(self._evtchn.bind_interdomain(
                         self.domain.domid, ports[len(channels)], fds))
+                except EventChannelBlockedError as exc:  # it blocked the bind's own event
+                    raise DeviceStalledError(f"cannot bind event channel: {exc}") from exc
                 except RemoteProtocolError as exc:  # it closed the fds it was given
                     raise DeviceError(f"cannot bind event channel: {exc}") from exc
         except BaseException:

@@ -33,6 +33,7 @@ from pvio.frontends.blkfront import BLK_KEYS, BlkDeviceError
 from pvio.frontends.session import open_session
 from pvio.layouts import BlkifOp, BlkifRsp
 from pvio.layouts import XenbusState as S
+from pvio.xenbus.device import DeviceError
 from tests.blk_helpers import (
     PAGE,
     U64,
@@ -787,6 +788,27 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         _, ref2, _ = ro.page()
         assert await ro.call(rw_req(R, 2, 0, [(ref2, 0, 7)])) == [(2, R, OK)]
         await cotenant.progress(5)
+    async with open_session(daemon.config.socket, "evil") as s:
+        await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
+    async with open_session(daemon.config.socket, "evil") as s:
+        front, _ = await attach_blk(s)
+        await front.write(0, b"again")
+        assert await front.read(0, 5) == b"again"
+
+
+async def test_regression_a_frontend_that_stalls_the_bind_backs_off_too(daemon, monkeypatch):
+    """bind_interdomain raises the new port on an eventfd the frontend handed
+    over; a frontend that blocks that send stalls the daemon for the guard's
+    timeout at every connect. It was refused like any bad connect, with no
+    back-off, so it could stall the daemon once per handshake. (Review finding.)"""
+    from pvio.ring import EventChannel
+
+    monkeypatch.setattr(EventChannel, "set_pending", blocked_send)
+    async with open_session(daemon.config.socket, "evil") as s:
+        with pytest.raises(DeviceError, match="closed before it connected"):
+            await attach_blk(s)
+        assert backend_device(daemon, "evil", XVDA).backoff.count == 1
+    monkeypatch.undo()
     async with open_session(daemon.config.socket, "evil") as s:
         await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
     async with open_session(daemon.config.socket, "evil") as s:

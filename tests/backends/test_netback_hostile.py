@@ -57,7 +57,7 @@ from tests.net_helpers import (
     tx_req,
     vif,
 )
-from tests.pvio_daemon import running_daemon, wait_state, watchdog
+from tests.pvio_daemon import refused_while_backing_off, running_daemon, wait_state, watchdog
 
 MORE, EXTRA = NETTXF_MORE_DATA, NETTXF_EXTRA_INFO
 
@@ -468,6 +468,8 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_vif(daemo
         await evil.closed()
         assert "waited" in evil.backend.status.last_error
         await pair.progress(5)
+    async with open_session(daemon.config.socket, "evil") as s:  # it stalled us: backs off
+        await refused_while_backing_off(daemon, s, attach_net, "evil", "vif", 0)
 
 
 async def test_a_blocked_wake_up_outside_a_batch_disconnects_the_vif_not_the_sender(

@@ -1093,17 +1093,59 @@ finally:
 """
 
 
-def test_regression_the_send_guard_leaves_a_preempted_write_alone():
+def test_regression_a_preempted_honest_write_is_not_counted_as_ended():
     """A write that is late only because its thread was preempted (a CPU shared
-    with a busy process) is not waiting on the peer: it will complete. The
-    watchdog signalled such writes too (51-142 a second, with the full suite
-    running beside the guard test), harmless but counted as writes the guard
-    ended; now it signals a late write only while its thread sleeps."""
+    with a busy process) is not waiting on the peer: it completes, and takes
+    the watchdog's signal afterwards. The guard counted every signal it sent
+    as a write it ended (51-142 a second with the full suite running beside
+    the guard test, which then failed); it counts writes it interrupted."""
     out = subprocess.run([sys.executable, "-c", _PREEMPTED_SCRIPT], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     writes, fired = map(int, out.stdout.split())
     assert writes > 0 and fired == 0, (writes, fired)
+
+
+_ZERO_WRITER_SCRIPT = r"""
+import errno, os, signal, time
+from pvio.ring import guard_sends
+from pvio.ring._lib import lib
+
+signal.alarm(40)  # a hang guard: the test fails rather than waits forever
+guard_sends(timeout=0.05)
+me = os.getpid()
+for attempt in range(4):  # a guard fooled by the peer stayed fooled in 2-4 of 5 tries
+    fd = os.eventfd(0)  # blocking, and saturated:
+    os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)
+    peer = os.fork()
+    if peer == 0:  # writes of 0 never wait, and wake every waiter, for up to 5 s
+        zero = (0).to_bytes(8, "little")
+        end = time.monotonic() + 5
+        while os.getppid() == me and time.monotonic() < end:
+            for _ in range(200):
+                os.write(fd, zero)
+        os._exit(0)
+    rc = lib.pvio_evtchn_write(fd)
+    still_waking = os.waitpid(peer, os.WNOHANG) == (0, 0)
+    os.kill(peer, signal.SIGKILL)
+    os.waitpid(peer, 0)
+    os.close(fd)
+    assert rc == -errno.ETIMEDOUT and still_waking, (attempt, rc, still_waking)
+print(lib.pvio_send_guard_fired())
+"""
+
+
+def test_regression_a_peer_that_keeps_waking_the_blocked_write_cannot_dodge_the_guard():
+    """A peer that saturated the eventfd and then writes 0 in a loop wakes our
+    blocked write over and over, so its thread is mostly runnable. A guard that
+    signalled only writes whose thread slept (to spare preempted honest ones)
+    missed it for seconds on end: the write, and the daemon, stayed stuck while
+    the peer kept writing. The guard must end the write while the peer is still
+    at it. (Found by review.)"""
+    out = subprocess.run([sys.executable, "-c", _ZERO_WRITER_SCRIPT], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.split() == ["4"]
 
 
 def test_a_blocked_send_raises_event_channel_blocked_error(bound, monkeypatch):

@@ -8,6 +8,7 @@ Each one is a small, realistic mistake:
 - :class:`TrustingRings`: a back end that trusts the frontend's ``req_prod`` and
   consumes whatever it says is there.
 - :class:`WrongIdBlkBackend`: a blkback answering every request with id + 1.
+- :class:`RefusingBlkBackend`: a blkback that refuses every connect.
 - :func:`skip_states_frontend`: a blkfront that publishes its ring and jumps
   straight to Connected, skipping Initialised (and never waits for the backend).
 """
@@ -21,6 +22,7 @@ import trio
 from pvio.backends.blkback import BlkBackend
 from pvio.ring import BackRing, FrontRing
 from pvio.testing.ring import PvioRings
+from pvio.xenbus.device import DeviceError
 
 
 class _NoNotifyFront:
@@ -108,6 +110,11 @@ class WrongIdBlkBackend(BlkBackend):
     async def _execute(self, reqs, mapper, pool, feats):
         results = await super()._execute(reqs, mapper, pool, feats)
         return [((rid + 1) & ((1 << 64) - 1), op, status) for rid, op, status in results]
+
+
+class RefusingBlkBackend(BlkBackend):
+    async def start(self, conn, frontend):
+        raise DeviceError("refuses every connect")
 
 
 async def skip_states_frontend(socket_path: str, domain: str) -> None:

@@ -16,7 +16,7 @@ from pvio.testing.block import (
 )
 from tests.blk_helpers import domain, vbd
 from tests.pvio_daemon import running_daemon
-from tests.testing.broken import WrongIdBlkBackend, skip_states_frontend
+from tests.testing.broken import RefusingBlkBackend, WrongIdBlkBackend, skip_states_frontend
 
 
 async def test_pvios_daemon_passes_the_block_backend_kit():
@@ -50,6 +50,21 @@ async def test_a_backend_answering_with_wrong_ids_fails_the_response_id_check():
     assert junit.get("failures") == "1"
     failure = junit.find("testcase[@name='blkif.response-id']/failure")
     assert failure is not None and "blkif §2" in failure.text
+
+
+async def test_regression_a_backend_that_refuses_to_connect_fails_the_kit():
+    """A backend that refuses the device is the implementation's failure
+    ("fail"), not the kit's ("error", which says the kit could not run the
+    check): since attaching stopped waiting out its timeout on a refused
+    device, the DeviceError escaped as an error. (Review finding.)"""
+    async with running_daemon(domain("guest", vbd()),
+                              backend_classes={"vbd": RefusingBlkBackend}) as daemon:
+        report = await check_block_backend(
+            BackendTarget(daemon.config.socket),
+            select=lambda c: c.name == "xenbus.backend-connects")
+    result = report.result("xenbus.backend-connects")
+    assert result.outcome == "fail", report.format()
+    assert "closed the device before it connected" in result.line
 
 
 async def test_pvios_blkfront_passes_the_block_frontend_kit():
