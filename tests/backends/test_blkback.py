@@ -768,6 +768,17 @@ async def test_broken_ring_index_closes_only_that_device(daemon, cotenant):
         assert await front.read(0, 5) == b"again"
 
 
+async def _backs_off_then_attaches_again(daemon) -> None:
+    """The evil domain stalled the daemon through its vbd: a new session is
+    refused while the device backs off, and attaches (and works) after that."""
+    async with open_session(daemon.config.socket, "evil") as s:
+        await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
+    async with open_session(daemon.config.socket, "evil") as s:
+        front, _ = await attach_blk(s)
+        await front.write(0, b"again")
+        assert await front.read(0, 5) == b"again"
+
+
 async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         daemon, cotenant):
     """Until the send guard, a notification the frontend blocked froze the
@@ -788,12 +799,7 @@ async def test_a_frontend_that_blocks_our_notification_loses_only_that_device(
         _, ref2, _ = ro.page()
         assert await ro.call(rw_req(R, 2, 0, [(ref2, 0, 7)])) == [(2, R, OK)]
         await cotenant.progress(5)
-    async with open_session(daemon.config.socket, "evil") as s:
-        await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
-    async with open_session(daemon.config.socket, "evil") as s:
-        front, _ = await attach_blk(s)
-        await front.write(0, b"again")
-        assert await front.read(0, 5) == b"again"
+    await _backs_off_then_attaches_again(daemon)
 
 
 async def test_regression_a_frontend_that_stalls_the_bind_backs_off_too(daemon, monkeypatch):
@@ -809,12 +815,7 @@ async def test_regression_a_frontend_that_stalls_the_bind_backs_off_too(daemon, 
             await attach_blk(s)
         assert backend_device(daemon, "evil", XVDA).backoff.count == 1
     monkeypatch.undo()
-    async with open_session(daemon.config.socket, "evil") as s:
-        await refused_while_backing_off(daemon, s, attach_blk, "evil", "vbd", XVDA)
-    async with open_session(daemon.config.socket, "evil") as s:
-        front, _ = await attach_blk(s)
-        await front.write(0, b"again")
-        assert await front.read(0, 5) == b"again"
+    await _backs_off_then_attaches_again(daemon)
 
 
 async def test_regression_two_queues_breaking_at_once_close_the_device_once(daemon, cotenant):
