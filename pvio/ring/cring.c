@@ -484,8 +484,11 @@ static void *guard_watch(void *arg)
             busy = 1;
             if (!guard_overdue(since, now, timeout))
                 continue;
+            /* Again at every scan while the same write is overdue: a signal that
+             * reached the thread before it entered write(2) (it was preempted
+             * there) ran the handler and was gone, and the write then waits. */
             pthread_mutex_lock(&slot->lock);  /* the writer clears since under it */
-            if (atomic_load(&slot->since) == since && !slot->signalled) {
+            if (atomic_load(&slot->since) == since) {
                 slot->signalled = 1;
                 pthread_kill(slot->thread, atomic_load(&guard_signo));
             }
@@ -566,8 +569,9 @@ uint64_t pvio_send_guard_fired(void)
     return atomic_load(&guard_fired);
 }
 
-/* A signal the watchdog sent for a write that then completed: take it now,
- * while it is blocked, rather than let it interrupt a later call. */
+/* Signals the watchdog sent for a write that is over: take every one still
+ * pending now, while the signal is blocked, rather than let one interrupt a
+ * later call of this thread (a real-time signal queues: one per scan). */
 static void guard_take_signal(int signo)
 {
     sigset_t set, old;
@@ -575,9 +579,18 @@ static void guard_take_signal(int signo)
     sigemptyset(&set);
     sigaddset(&set, signo);
     pthread_sigmask(SIG_BLOCK, &set, &old);
-    while (sigtimedwait(&set, NULL, &zero) < 0 && errno == EINTR)
+    while (sigtimedwait(&set, NULL, &zero) >= 0 || errno == EINTR)
         ;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Tests only: sleep this long between marking a write and starting it, so
+ * that the watchdog's signal lands before write(2) (a preempted writer). */
+static _Atomic int64_t guard_test_pause_ns;
+
+void pvio_send_guard_test_pause(int64_t ns)
+{
+    atomic_store(&guard_test_pause_ns, ns);
 }
 
 /* Add 1 to an eventfd, under the send guard if it runs. A counter at its
@@ -598,6 +611,11 @@ int pvio_evtchn_write(int fd)
             atomic_fetch_add(&guard_bell, 1);
             syscall(SYS_futex, &guard_bell, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         }
+        if (atomic_load_explicit(&guard_test_pause_ns, memory_order_relaxed) > 0) {
+            int64_t ns = atomic_load(&guard_test_pause_ns);
+            struct timespec pause = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
+            nanosleep(&pause, NULL);  /* the signal lands here, its handler runs */
+        }
     }
     n = write(fd, &one, sizeof one);
     err = errno;
@@ -607,10 +625,11 @@ int pvio_evtchn_write(int fd)
         signalled = slot->signalled;
         slot->signalled = 0;
         pthread_mutex_unlock(&slot->lock);
-        if (signalled && n < 0 && err == EINTR)
-            atomic_fetch_add(&guard_fired, 1);
-        else if (signalled)  /* it completed (late, preempted, not blocked) */
-            guard_take_signal(signo);
+        if (signalled) {
+            if (n < 0 && err == EINTR)
+                atomic_fetch_add(&guard_fired, 1);
+            guard_take_signal(signo);  /* the rest (late, preempted, or several scans) */
+        }
     }
     if (n == (ssize_t)sizeof one)
         return 0;

@@ -91,6 +91,7 @@ int pvio_evtchn_send(int fd);
 int pvio_evtchn_write(int fd);
 int pvio_send_guard_start(int signo, int64_t timeout_ns);
 uint64_t pvio_send_guard_fired(void);
+void pvio_send_guard_test_pause(int64_t ns);
 int pvio_evtchn_wait(int fd, int64_t timeout_ns);
 /* RING_FINAL_CHECK_FOR_* plus the sleep on the end's eventfd, in one call;
  * *stale: the eventfd may hold an event a wake-up left unread; ahead_fd: the

@@ -70,8 +70,8 @@ def guard_sends(timeout: float = 0.1, signo: int = GUARD_SIGNAL) -> None:
     ``write``: the write then waits for the peer to read, which a hostile peer
     never does, and the whole thread (a daemon's event loop) stops. With the
     guard, a watchdog thread interrupts such a write after ``timeout`` seconds
-    (within 1.5 ``timeout``) with ``signo``, given a handler that does nothing,
-    without ``SA_RESTART``; the send raises :class:`EventChannelBlockedError`,
+    (within about twice ``timeout``) with ``signo``, given a handler that does
+    nothing, without ``SA_RESTART``; the send raises :class:`EventChannelBlockedError`,
     a :class:`RemoteProtocolError`, and the service disconnects that peer.
 
     An honest send never waits, and an eventfd write that does not wait cannot

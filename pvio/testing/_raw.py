@@ -32,6 +32,8 @@ async def attach_driver(session, driver, type_: str, devid: int, keys: tuple[str
     device = await session.attach(driver, devid, keys)
     try:
         await device.wait_connected(timeout)
-    except DeviceError as exc:  # the backend refused or closed the device: its failure
+    except DeviceError as exc:
+        if device.status.last_error:  # our own frontend failed: the kit's trouble
+            raise
         raise Violation(f"the backend closed the device before it connected: {exc}") from exc
     return driver, device

@@ -1148,6 +1148,33 @@ def test_regression_a_peer_that_keeps_waking_the_blocked_write_cannot_dodge_the_
     assert out.stdout.split() == ["4"]
 
 
+_EARLY_SIGNAL_SCRIPT = r"""
+import errno, os, signal
+from pvio.ring import guard_sends
+from pvio.ring._lib import lib
+
+signal.alarm(20)  # a write the guard never ends kills this process (the test fails)
+guard_sends(timeout=0.05)
+lib.pvio_send_guard_test_pause(300_000_000)  # marked, then 0.3 s before write(2)
+fd = os.eventfd(0)  # blocking, and saturated:
+os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)
+print(lib.pvio_evtchn_write(fd), lib.pvio_send_guard_fired())
+"""
+
+
+def test_regression_a_guard_signal_that_lands_before_the_write_is_sent_again():
+    """A writer preempted between marking its write and entering write(2) gets
+    the watchdog's signal there: the handler runs, the signal is gone, and the
+    write then waits. The watchdog signalled each write once, so that write
+    (and the daemon) waited forever; it signals again at every scan while the
+    write is overdue, and the writer takes the extra signals afterwards. (Found
+    by review; the pause stands in for the preemption.)"""
+    out = subprocess.run([sys.executable, "-c", _EARLY_SIGNAL_SCRIPT], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.split() == [str(-errno.ETIMEDOUT), "1"]
+
+
 def test_a_blocked_send_raises_event_channel_blocked_error(bound, monkeypatch):
     """What notify and set_pending make of the guard's -ETIMEDOUT: the peer's
     fault (a RemoteProtocolError), so that the service disconnects it."""
