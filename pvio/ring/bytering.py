@@ -86,8 +86,8 @@ class ByteRing:
         """Copy up to ``len(buf)`` waiting bytes into ``buf`` and publish cons."""
         if self.writer:
             raise LocalProtocolError(f"{self.name}: this end writes")
-        view = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
-        n = lib.pvio_bytering_read(self._b, view, len(view))
+        with ffi.from_buffer("uint8_t[]", buf, require_writable=True) as view:
+            n = lib.pvio_bytering_read(self._b, view, len(view))  # (gh-77894: released)
         if n < 0:
             self._raise_broken()
         return n

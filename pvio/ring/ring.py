@@ -180,6 +180,9 @@ class _RingEnd:
         ptr = _from_buffer(_U8, data)
         size = len(ptr)  # bytes, whatever the item format of a memoryview
         if size % self._out_size:
+            # A pointer into a caller's memoryview must not outlive the call in
+            # the traceback's frame (gh-77894, see pin_buffer).
+            ffi.release(ptr)
             raise LocalProtocolError(
                 f"{size} bytes is not a whole number of {self._out_size}-byte items"
             )

@@ -55,3 +55,31 @@ async def test_a_peer_notifying_for_nothing_is_throttled_real_work_is_not():
     back_chan.close()
     table.close_all()
     shm.close()
+
+
+def test_regression_a_refused_call_keeps_no_pointer_into_the_caller_s_buffer():
+    """gh-77894 (see pvio.ring._lib.pin_buffer): a cffi pointer into a
+    memoryview that outlives the call in a traceback's frame could crash the
+    garbage collector. A put of a partial item and a read from a broken byte
+    ring raised while holding one; now the caller's view can be released while
+    the error (and its traceback) is still kept (BufferError before)."""
+    from pvio.ring import RingBrokenError, console_rings
+
+    shm = SharedMemory.create(4096)
+    front = FrontRing.init(BLKIF, shm.page(0))
+    view = memoryview(bytearray(BLKIF.req_size + 1))
+    with pytest.raises(LocalProtocolError) as kept:
+        front.put_requests(view)
+    view.release()
+    del kept
+    front.release()
+
+    page = memoryview(bytearray(4096))
+    _, rx = console_rings(page, frontend=False)  # reads the guest's "out" ring
+    page[3084:3088] = (5000).to_bytes(4, "little")  # out_prod beyond the buffer
+    buf = memoryview(bytearray(64))
+    with pytest.raises(RingBrokenError) as kept:
+        rx.readinto(buf)
+    buf.release()
+    del kept
+    shm.close()
