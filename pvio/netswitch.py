@@ -144,10 +144,18 @@ class Switch:
         frame = Frame(data, offload)
         for tap in ingress.taps:
             tap("in", frame)
-        if ingress.source is not None and data[6:12] != ingress.source:
-            ingress.stats.spoofed += 1
+        if self._spoofed(ingress, data, 1):
             return []
         return [p for p in self._targets(ingress, data) if p.enqueue(frame)]
+
+    @staticmethod
+    def _spoofed(ingress: Port, data, count: int) -> bool:
+        """``count`` frames from ``ingress`` with ``data``'s source MAC are not
+        its ``source``: drop them (counted)."""
+        if ingress.source is None or data[6:12] == ingress.source:
+            return False
+        ingress.stats.spoofed += count
+        return True
 
     def _targets(self, ingress: Port, data) -> list[Port]:
         """Learn the source MAC of a frame from ``ingress``; the ports it goes to."""
@@ -170,8 +178,7 @@ class Switch:
         for frame in frames if ingress.taps else ():
             for tap in ingress.taps:
                 tap("in", frame)
-        if ingress.source is not None and frames[0].data[6:12] != ingress.source:
-            ingress.stats.spoofed += len(frames)
+        if self._spoofed(ingress, frames[0].data, len(frames)):
             return
         for port in self._targets(ingress, frames[0].data):
             port.enqueue_many(frames, nbytes)

@@ -268,7 +268,7 @@ class BlkBackend(RingBackendDriver):
     def _peer_broke(self, exc: RemoteProtocolError) -> None:
         peer_log.warning(f"ring:{self.domain.domid}", "vbd of dom%d: %s; disconnecting the "
                          "device", self.domain.domid, exc)
-        self.peer_failed(str(exc), isinstance(exc, EventChannelBlockedError))
+        self.peer_failed(exc)
 
     async def _execute(self, reqs: list, mapper, pool, feats: BackendFeatures) -> list:
         """Pin, do the batch's I/O in one worker thread, unpin; (id, op, status) each."""

@@ -26,7 +26,7 @@ import trio
 
 from pvio._log import RateLimitedLogger
 from pvio.console import ConsoleStream, HeadTailBuffer
-from pvio.ring import EventChannelBlockedError, console_rings
+from pvio.ring import console_rings
 from pvio.xenbus.device import DeviceError
 from pvio.xenbus.ringdev import CONSOLE, BackendConnection, RingBackendDriver
 
@@ -121,8 +121,7 @@ class ConsoleBackend(RingBackendDriver):
             reason = "; ".join(str(exc) for exc in group.exceptions)
             peer_log.warning(f"console:{self.domain.domid}", "console of dom%d: %s; "
                              "disconnecting it", self.domain.domid, reason)
-            self.peer_failed(reason, any(isinstance(exc.__cause__, EventChannelBlockedError)
-                                         for exc in group.exceptions))
+            self.peer_failed(*group.exceptions)
         finally:
             self._stopped.set()
 

@@ -73,7 +73,6 @@ from pvio.ring import (
     NETIF_RX,
     NETIF_TX,
     BackRing,
-    EventChannelBlockedError,
     GrantError,
     RemoteProtocolError,
     RingBrokenError,
@@ -407,7 +406,7 @@ class NetBackend(RingBackendDriver):
         self.stats.last_error = str(exc)
         peer_log.warning(f"ring:{self.domain.domid}", "%s queue %d: %s; disconnecting the vif",
                          self.port_name, queue.index, exc)
-        self.peer_failed(str(exc), isinstance(exc, EventChannelBlockedError))
+        self.peer_failed(exc)
 
     def _refuse(self, reason: str) -> None:
         self.stats.tx_errors += 1

@@ -611,8 +611,8 @@ int pvio_evtchn_write(int fd)
             atomic_fetch_add(&guard_bell, 1);
             syscall(SYS_futex, &guard_bell, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         }
-        if (atomic_load_explicit(&guard_test_pause_ns, memory_order_relaxed) > 0) {
-            int64_t ns = atomic_load(&guard_test_pause_ns);
+        int64_t ns = atomic_load_explicit(&guard_test_pause_ns, memory_order_relaxed);
+        if (ns > 0) {
             struct timespec pause = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
             nanosleep(&pause, NULL);  /* the signal lands here, its handler runs */
         }

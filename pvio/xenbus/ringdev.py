@@ -143,13 +143,16 @@ class RingBackendDriver:
         self.nursery = None
         self.on_failure = None
 
-    def peer_failed(self, reason: str, stalled: bool = False) -> None:
-        """The peer broke this device: have the device framework disconnect it
-        (in a new task: the caller is usually a service the disconnect stops).
-        ``stalled``: it did so by blocking one of our notifications, which held
-        the daemon (the framework then backs off its reconnects)."""
+    def peer_failed(self, *errors: BaseException) -> None:
+        """The peer broke this device (``errors`` say how): have the device
+        framework disconnect it (in a new task: the caller is usually a service
+        the disconnect stops). One that is, or was caused by, a notification
+        the peer blocked (:class:`EventChannelBlockedError`) held the daemon:
+        the framework then backs off the device's reconnects."""
+        stalled = any(isinstance(e, EventChannelBlockedError)
+                      or isinstance(e.__cause__, EventChannelBlockedError) for e in errors)
         if self.on_failure is not None:
-            self.nursery.start_soon(self.on_failure, reason, stalled)
+            self.nursery.start_soon(self.on_failure, "; ".join(map(str, errors)), stalled)
 
     def features(self) -> dict[str, str]:
         feats = {}
